@@ -1,0 +1,54 @@
+"""The public entry points: :func:`accelerate` and :func:`restore`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .config import make_policy
+from .pipelines import accelerate_pipeline, is_pipeline, restore_pipeline
+from .runtime import AcceleratedUNet
+
+__all__ = ["accelerate", "restore"]
+
+
+def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
+               prior_noise: float | None = None, parallel: bool | None = None,
+               max_batch: int | None = None, **options: Any) -> Any:
+    """Make a UNet or a diffusers pipeline reuse features across sampling steps.
+
+    Args:
+        target: a diffusers pipeline with a ``unet`` (modified in place and returned), or a
+            UNet ``nn.Module`` (an :class:`AcceleratedUNet` wrapping it is returned).
+        key_steps: steps where the cut part runs: a preset name (``"faster-diffusion"``), an
+            interval ``N`` (every N-th step from 0) or a sorted list of steps containing 0.
+            ``None`` takes the policy's default.
+        reuse: ``"encoder"`` (encoder propagation, Faster Diffusion).
+        prior_noise: weight of prior noise injection (``None``: the policy's default).
+        parallel, max_batch: parallel mode of encoder propagation.
+
+    Raises:
+        TypeError: ``target`` is neither a UNet module nor a pipeline with one.
+        ValueError: an option breaks its rule; the UNet's regions cannot be found.
+    """
+    policy = make_policy(reuse, key_steps=key_steps, prior_noise=prior_noise,
+                         parallel=parallel, max_batch=max_batch, **options)
+    if is_pipeline(target):
+        return accelerate_pipeline(target, policy, explicit_prior_noise=prior_noise is not None)
+    if isinstance(target, AcceleratedUNet):
+        target = target.unet
+    if isinstance(target, nn.Module):
+        return AcceleratedUNet(target, policy)
+    raise TypeError(f"fxprop.accelerate takes a UNet (nn.Module) or a diffusers pipeline "
+                    f"with a .unet, got {type(target).__name__}")
+
+
+def restore(target: Any) -> Any:
+    """Undo :func:`accelerate`: the pipeline with its original UNet, or the bare UNet."""
+    if isinstance(target, AcceleratedUNet):
+        return target.unet
+    if is_pipeline(target):
+        return restore_pipeline(target)
+    raise ValueError(f"{type(target).__name__} was not accelerated by fxprop; "
+                     "nothing to restore")

@@ -1,0 +1,191 @@
+"""The runtime: a module with the UNet's own call signature that follows a plan.
+
+:class:`AcceleratedUNet` captures the UNet once per input signature, splits it with the
+policy's cut, and at every call runs either the full graph (key step: output and frontier) or
+the every-step part on the cached frontier. The frontier is its only cross-step state. Any call
+that does not match the plan runs the whole UNet, which is always correct, and warns once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .capture import CallKey, Captured, FlatCall, capture, flatten_call
+from .config import Policy
+from .plan import Plan, make_plan
+from .regions import find_layout
+from .split import Parts, split
+
+__all__ = ["AcceleratedUNet", "TimestepSource"]
+
+#: () -> (timesteps tensor or None, begin index or None, num_train_timesteps or None)
+TimestepSource = Callable[[], tuple[Any, Any, Any]]
+
+
+@dataclass
+class _Generation:
+    """Cross-step state of one generation; dropped whole when a new one starts."""
+
+    plan: Plan
+    source: Any                     # the timesteps tensor planned from (compared by identity)
+    begin: int = 0                  # index of step 0 in ``source``
+    step: int = 0                   # the next step to run
+    frontier: tuple | None = None
+    frontier_key: CallKey | None = None
+    off_plan: bool = False
+
+
+class AcceleratedUNet(nn.Module):
+    """Drop-in replacement of a UNet that reuses features across steps by a plan."""
+
+    def __init__(self, unet: nn.Module, policy: Policy,
+                 timestep_source: TimestepSource | None = None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.policy = policy
+        self.layout = find_layout(unet)
+        self._source = timestep_source
+        self._captured: dict[CallKey, tuple[Captured, Parts]] = {}
+        self._generation: _Generation | None = None
+        self._warned = False
+
+    def __getattr__(self, name: str) -> Any:
+        # Pipelines read ``unet.config``, ``unet.dtype``, ``unet.add_embedding`` ...
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules") or {}
+            if "unet" not in modules:
+                raise
+            return getattr(modules["unet"], name)
+
+    # -- generations ---------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Plan | None:
+        return None if self._generation is None else self._generation.plan
+
+    @property
+    def step(self) -> int:
+        """The index of the next UNet call in the current generation."""
+        return 0 if self._generation is None else self._generation.step
+
+    def set_timesteps(self, timesteps: torch.Tensor, num_train_timesteps: int | None = None,
+                      begin: int = 0) -> Plan:
+        """Start a generation over ``timesteps[begin:]``; returns its plan."""
+        plan = make_plan(timesteps[begin:], self.policy.schedule, num_train_timesteps)
+        self._generation = _Generation(plan, timesteps, begin)
+        return plan
+
+    def reset(self) -> None:
+        """Forget the current generation (plan and cached frontier)."""
+        self._generation = None
+
+    def _sync(self, timestep: Any) -> None:
+        """Start a new generation if the timestep source was set anew since the last plan."""
+        if self._source is None:
+            return
+        timesteps, begin, horizon = self._source()
+        if timesteps is None or (self._generation and self._generation.source is timesteps):
+            return
+        if begin is None:
+            begin = _first_index(timesteps, timestep)
+        self.set_timesteps(timesteps, horizon, begin)
+
+    def _warn(self, reason: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"fxprop: {reason}; running the whole UNet for the rest of this "
+                          "generation (correct, not accelerated)", stacklevel=3)
+
+    def _on_plan(self, timestep: Any) -> _Generation | None:
+        """The current generation if the next call matches its plan, else None (and warn)."""
+        self._sync(timestep)
+        gen = self._generation
+        if gen is None:
+            self._warn("no plan: call set_timesteps(...) before the loop")
+            return None
+        if gen.off_plan:
+            return None
+        if gen.step >= len(gen.plan) or not _matches(timestep, gen, gen.begin + gen.step):
+            gen.off_plan, gen.frontier = True, None
+            self._warn(f"UNet call {gen.step} does not match the plan of {len(gen.plan)} "
+                       "steps (unexpected timestep or call order)")
+            return None
+        return gen
+
+    def next_is_key(self, timestep: Any) -> bool:
+        """Whether the next call with ``timestep`` computes the cut part (used by adapters)."""
+        gen = self._on_plan(timestep)
+        return gen is None or gen.plan.is_key[gen.step]
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def parts_for(self, call: FlatCall) -> tuple[Captured, Parts]:
+        """Captured graph and parts for this call's signature, captured on first use."""
+        if call.key not in self._captured:
+            captured = capture(self.unet, call)
+            self._captured[call.key] = captured, split(captured,
+                                                       self.policy.cut(captured, self.layout))
+        return self._captured[call.key]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        call = flatten_call(self.unet.forward, args, kwargs)
+        gen = self._on_plan(call.timestep)
+        if gen is None:
+            return self.unet(*args, **kwargs)
+        step, gen.step = gen.step, gen.step + 1
+        captured, parts = self.parts_for(call)
+        if gen.plan.is_key[step]:
+            out = parts.full(*call.tensors)
+            gen.frontier, gen.frontier_key = out[parts.num_outputs:], call.key
+            out = out[: parts.num_outputs]
+        elif gen.frontier is None or gen.frontier_key != call.key:
+            gen.off_plan, gen.frontier = True, None
+            self._warn(f"UNet call {step} has other inputs than its key step")
+            return self.unet(*args, **kwargs)
+        else:
+            out = parts.step(*[call.tensors[i] for i in parts.step_inputs], *gen.frontier)
+        return pytree.tree_unflatten(list(out), captured.out_spec)
+
+
+def _timestep_float(timestep: Any) -> float:
+    t = torch.as_tensor(timestep).flatten()
+    return float(t[0])
+
+
+def _view_index(timestep: Any, source: Any) -> int | None:
+    """Index of ``timestep`` in ``source`` if it is a 0-d view of it (host metadata only)."""
+    if (isinstance(timestep, torch.Tensor) and isinstance(source, torch.Tensor)
+            and timestep.ndim == 0 and timestep._base is source and source.is_contiguous()
+            and source.ndim == 1):
+        return timestep.storage_offset() - source.storage_offset()
+    return None
+
+
+def _matches(timestep: Any, gen: _Generation, index: int) -> bool:
+    """Whether ``timestep`` is entry ``index`` of the planned timesteps.
+
+    A pipeline iterating ``scheduler.timesteps`` passes views of it; their storage offset is
+    host metadata, so matching them costs no device sync. Other values are compared by value.
+    """
+    view = _view_index(timestep, gen.source)
+    if view is not None:
+        return view == index
+    return _timestep_float(timestep) == gen.plan.timesteps[index - gen.begin]
+
+
+def _first_index(timesteps: torch.Tensor, timestep: Any) -> int:
+    """Where a generation that starts at ``timestep`` begins in ``timesteps`` (once per run)."""
+    view = _view_index(timestep, timesteps)
+    if view is not None:
+        return view
+    values = torch.as_tensor(timesteps).flatten().tolist()
+    first = _timestep_float(timestep)
+    return next((i for i, v in enumerate(values) if float(v) == first), 0)

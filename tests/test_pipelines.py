@@ -1,0 +1,74 @@
+"""Stock diffusers pipelines: with every step a key step fxprop equals plain sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline
+
+import fxprop
+from conftest import (controlnet_pipeline, ddpm_pipeline, make_scheduler, sd_pipeline,
+                      sdxl_embeds, sdxl_pipeline, text_embeds)
+
+STEPS = 6
+
+
+def _latents(shape, seed=5):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# name -> (pipeline factory, call kwargs)
+CASES = {
+    "sd-cfg": (sd_pipeline, lambda: dict(**text_embeds(1), guidance_scale=5.0, height=16,
+                                         width=16)),
+    "sd-nocfg-batch": (sd_pipeline, lambda: dict(**text_embeds(2), guidance_scale=1.0,
+                                                 num_images_per_prompt=2, height=16, width=16)),
+    "img2img": (lambda: sd_pipeline(StableDiffusionImg2ImgPipeline),
+                lambda: dict(**text_embeds(1), image=_latents((1, 4, 8, 8)), strength=0.7,
+                             guidance_scale=4.0)),
+    "sdxl": (sdxl_pipeline, lambda: dict(**sdxl_embeds(1), guidance_scale=5.0, height=16,
+                                         width=16)),
+    "controlnet": (controlnet_pipeline,
+                   lambda: dict(**text_embeds(1), image=_latents((1, 3, 16, 16)).clamp(-1, 1),
+                                guidance_scale=5.0, height=16, width=16)),
+}
+
+
+def _run(pipe, kwargs, scheduler=None, seed=0):
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler)
+    out = pipe(**kwargs, num_inference_steps=STEPS, output_type="latent",
+               generator=torch.Generator().manual_seed(seed))
+    return out.images
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request):
+    """A plain pipeline and an accelerated one sharing the same components."""
+    factory, kwargs = CASES[request.param]
+    plain = factory()
+    accelerated = type(plain)(**plain.components)
+    fxprop.accelerate(accelerated, key_steps=1, prior_noise=0)
+    return plain, accelerated, kwargs
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "euler", "euler_a", "dpm++", "unipc",
+                                       "lcm", "heun"])
+def test_every_step_key_equals_plain(pair, scheduler):
+    plain, accelerated, kwargs = pair
+    reference = _run(plain, kwargs(), scheduler)
+    candidate = _run(accelerated, kwargs(), scheduler)
+    assert candidate.shape == reference.shape
+    assert (candidate - reference).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_ddpm_pipeline_every_step_key_equals_plain(scheduler):
+    from diffusers import DDIMScheduler, DDPMScheduler
+    plain = ddpm_pipeline()
+    plain.scheduler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[scheduler]()
+    accelerated = type(plain)(**plain.components)
+    fxprop.accelerate(accelerated, key_steps=1, prior_noise=0)
+    outs = [p(batch_size=2, num_inference_steps=STEPS, output_type="np",
+              generator=torch.Generator().manual_seed(0)).images for p in (plain, accelerated)]
+    assert abs(outs[0] - outs[1]).max() <= 1e-5

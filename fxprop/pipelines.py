@@ -162,7 +162,7 @@ def _supports_prior_noise(cls: type) -> bool:
 def _resolve_prior_noise(cls: type, policy: Policy, explicit: bool) -> float:
     if not policy.prior_noise or _supports_prior_noise(cls):
         return policy.prior_noise
-    message = (f"{cls.__name__}.__call__ has no callback_on_step_end or no prepare_latents, so "
+    message = (f"fxprop: {cls.__name__}.__call__ has no callback_on_step_end or no prepare_latents, so "
                "fxprop cannot inject prior noise into its latents")
     if explicit:
         raise ValueError(f"{message}; pass prior_noise=0")

@@ -1,0 +1,93 @@
+"""AcceleratedUNet on a bare UNet in a hand-written sampling loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import fxprop
+from conftest import sd_unet
+from reference import decode, encode
+
+KEYS = [0, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return sd_unet(seed=3)
+
+
+def _inputs(batch=2, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, size, size, generator=g), torch.randn(batch, 5, 32, generator=g)
+
+
+@torch.no_grad()
+def test_reference_composes_to_the_unet(unet):
+    x, context = _inputs()
+    whole = unet(x, 500, context).sample
+    assert (decode(unet, *encode(unet, x, 500, context), 500, context) - whole).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_non_key_steps_equal_the_eager_reference(unet):
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(6)
+    acc = fxprop.accelerate(unet, key_steps=KEYS)
+    acc.set_timesteps(scheduler.timesteps)
+    x, context = _inputs()
+    cached = None
+    for i, t in enumerate(scheduler.timesteps):
+        x = x + 0.1 * i  # a different latent every step: non-key steps must not read it
+        out = acc(x, t, context).sample
+        if i in KEYS:
+            cached = encode(unet, x, t, context)
+            reference = unet(x, t, context).sample
+        else:
+            reference = decode(unet, *cached, t, context)
+        assert (out - reference).abs().max().item() <= 1e-5, f"step {i}"
+
+
+@torch.no_grad()
+def test_new_resolution_and_batch_get_their_own_graph(unet):
+    acc = fxprop.accelerate(unet, key_steps=1)
+    for batch, size in [(2, 8), (1, 16), (2, 8)]:
+        acc.set_timesteps(torch.tensor([900, 500]))
+        x, context = _inputs(batch, size)
+        for t in (900, 500):
+            assert (acc(x, t, context).sample - unet(x, t, context).sample).abs().max() <= 1e-5
+    assert len(acc._captured) == 2
+
+
+@torch.no_grad()
+def test_off_plan_call_runs_the_whole_unet_and_warns_once(unet):
+    acc = fxprop.accelerate(unet, key_steps=[0])
+    acc.set_timesteps(torch.tensor([900, 500, 100]))
+    x, context = _inputs()
+    acc(x, 900, context)
+    with pytest.warns(UserWarning, match="does not match the plan") as record:
+        out = acc(x, 123, context).sample  # not the planned timestep
+        later = acc(x, 100, context).sample  # stays off plan: never reuses stale features
+    assert len(record) == 1
+    assert (out - unet(x, 123, context).sample).abs().max() <= 1e-6
+    assert (later - unet(x, 100, context).sample).abs().max() <= 1e-6
+
+
+@torch.no_grad()
+def test_without_a_plan_it_warns_and_runs_whole(unet):
+    acc = fxprop.accelerate(unet, key_steps=2)
+    x, context = _inputs()
+    with pytest.warns(UserWarning, match="set_timesteps"):
+        out = acc(x, 10, context)
+    assert (out.sample - unet(x, 10, context).sample).abs().max() <= 1e-6
+
+
+def test_return_types_match_the_unet(unet):
+    acc = fxprop.accelerate(unet, key_steps=1)
+    acc.set_timesteps(torch.tensor([900, 800]))
+    x, context = _inputs()
+    with torch.no_grad():
+        assert type(acc(x, 900, context)) is type(unet(x, 900, context))
+        assert isinstance(acc(x, 800, context, return_dict=False), tuple)
+    assert acc.config is unet.config and acc.dtype == unet.dtype

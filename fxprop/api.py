@@ -24,9 +24,14 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
         key_steps: steps where the cut part runs: a preset name (``"faster-diffusion"``), an
             interval ``N`` (every N-th step from 0) or a sorted list of steps containing 0.
             ``None`` takes the policy's default.
-        reuse: ``"encoder"`` (encoder propagation, Faster Diffusion).
-        prior_noise: weight of prior noise injection (``None``: the policy's default).
+        reuse: ``"encoder"`` (encoder propagation, Faster Diffusion; see
+            :class:`~fxprop.EncoderPropagation`) or ``"deep"`` (deep-feature caching, DeepCache;
+            see :class:`~fxprop.DeepCache`).
+        prior_noise: weight of prior noise injection (``None``: the policy's default, 0.003 for
+            ``"encoder"``, 0 for ``"deep"``).
         parallel, max_batch: parallel mode of encoder propagation.
+        options: further policy fields, e.g. ``branch=`` for ``reuse="deep"`` (DeepCache's
+            ``cache_branch_id``).
 
     Raises:
         TypeError: ``target`` is neither a UNet module nor a pipeline with one.

@@ -12,8 +12,10 @@ import math
 from collections.abc import Sequence
 from typing import Callable
 
-__all__ = ["Schedule", "PRESETS", "faster_diffusion", "every", "explicit", "key_step_schedule",
-           "validate_key_steps"]
+import numpy as np
+
+__all__ = ["Schedule", "PRESETS", "faster_diffusion", "every", "explicit", "deepcache_nonuniform",
+           "quad_center", "key_step_schedule", "validate_key_steps"]
 
 Schedule = Callable[[int], tuple[int, ...]]
 
@@ -35,6 +37,36 @@ def every(n: int, num_steps: int) -> tuple[int, ...]:
 def explicit(steps: tuple[int, ...], num_steps: int) -> tuple[int, ...]:
     """A fixed list; entries past the last step are ignored."""
     return tuple(k for k in steps if k < num_steps)
+
+
+def deepcache_nonuniform(interval: int, center: int = 15, power: float = 1.4) -> Schedule:
+    """DeepCache's non-uniform schedule (Ma et al., arXiv 2312.00858): ``ceil(N / interval)``
+    key steps, denser around step ``center`` (the defaults are DeepCache's for 50 steps)."""
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"interval must be an int >= 1, got {interval!r}")
+    if isinstance(center, bool) or not isinstance(center, int) or center < 0:
+        raise ValueError(f"center must be a non-negative int (a step), got {center!r}")
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 1:
+        raise ValueError(f"power must be a number > 1, got {power!r}")
+    return functools.partial(quad_center, interval, center, power)
+
+
+def quad_center(interval: int, center: int, power: float, num_steps: int) -> tuple[int, ...]:
+    """``sample_from_quad_center`` of DeepCache's SD pipeline, re-implemented: key steps at
+    ``center + x ** power`` for evenly spaced ``x``, lowering ``power`` by 0.02 until they are
+    distinct. ``(-center) ** (1 / power)`` is complex; the steps are the truncated real parts."""
+    if interval == 1:
+        return tuple(range(num_steps))
+    wanted = -(-num_steps // interval)
+    p = power
+    while p > 1:
+        x = np.linspace((-center) ** (1 / p), (num_steps - center) ** (1 / p), wanted + 1)
+        steps = np.unique(np.real(x ** p).astype(np.int32))[1:-1] + center
+        if len(steps) + 1 == wanted:
+            return tuple(sorted({0, *(int(s) for s in steps)}))
+        p -= 0.02
+    raise ValueError(f"no power in (1, {power}] spreads {wanted} distinct key steps over "
+                     f"{num_steps} steps around center={center}; lower center or interval")
 
 
 PRESETS: dict[str, Schedule] = {"faster-diffusion": faster_diffusion}

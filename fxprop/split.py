@@ -21,10 +21,10 @@ from torch import fx
 
 from .capture import Captured
 
-__all__ = ["Parts", "extract", "split", "check_split"]
+__all__ = ["Parts", "needed", "extract", "split", "check_split"]
 
 
-def _needed(outputs: list[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
+def needed(outputs: list[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
     """Nodes on which ``outputs`` depend, not looking behind ``stop``."""
     seen: set[fx.Node] = set()
     todo = list(outputs)
@@ -41,7 +41,7 @@ def _needed(outputs: list[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
 def extract(graph: fx.Graph, inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.Graph:
     """A new graph with ``inputs`` as placeholders that computes ``outputs`` as a tuple."""
     stop = set(inputs)
-    needed = _needed(outputs, stop)
+    needed = needed(outputs, stop)
     leaked = [n for n in needed if n.op == "placeholder" and n not in stop]
     if leaked:
         raise ValueError(
@@ -79,8 +79,8 @@ def split(captured: Captured, frontier: list[fx.Node]) -> Parts:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     outputs = list(next(n for n in graph.nodes if n.op == "output").args[0])
     # 1. Inputs each part reads: walk back from its outputs, stopping at the frontier.
-    key_reads = _needed(frontier, set(placeholders))
-    step_reads = _needed(outputs, set(frontier) | set(placeholders))
+    key_reads = needed(frontier, set(placeholders))
+    step_reads = needed(outputs, set(frontier) | set(placeholders))
     key_inputs = [i for i, p in enumerate(placeholders) if p in key_reads]
     step_inputs = [i for i, p in enumerate(placeholders) if p in step_reads]
     # 2. Build each part with the same pass; frontier nodes become the step part's inputs.

@@ -15,7 +15,7 @@ from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMPipeli
                        StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
                        UNet2DModel, UniPCMultistepScheduler)
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threads cost more than they bring
 
 SCHEDULERS = {
     "ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,

@@ -41,8 +41,8 @@ def needed(outputs: list[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
 def extract(graph: fx.Graph, inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.Graph:
     """A new graph with ``inputs`` as placeholders that computes ``outputs`` as a tuple."""
     stop = set(inputs)
-    needed = needed(outputs, stop)
-    leaked = [n for n in needed if n.op == "placeholder" and n not in stop]
+    keep = needed(outputs, stop)
+    leaked = [n for n in keep if n.op == "placeholder" and n not in stop]
     if leaked:
         raise ValueError(
             f"the part computing {[o.name for o in outputs][:4]} also reads the inputs "
@@ -53,7 +53,7 @@ def extract(graph: fx.Graph, inputs: list[fx.Node], outputs: list[fx.Node]) -> f
         env[node] = new.placeholder(node.name)
         env[node].meta = dict(node.meta)
     for node in graph.nodes:
-        if node in needed and node not in stop:
+        if node in keep and node not in stop:
             env[node] = new.node_copy(node, lambda a: env[a])
     new.output(tuple(env[o] for o in outputs))
     new.lint()

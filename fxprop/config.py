@@ -25,12 +25,16 @@ class EncoderPropagation:
             whose timestep is below half the training horizon (0 turns it off).
         parallel: batch the decoder passes of each segment into one call at its key step.
         max_batch: upper bound, in samples, of one batched decoder call (parallel mode).
+        regions: module prefixes by region for UNets with unknown names, e.g.
+            ``{"encoder": ["enc"], "mid": ["bottleneck"], "decoder": ["dec"], "output": ["head"]}``
+            (``None``: diffusers or LDM names, else the structural fallback).
     """
 
     key_steps: Any = "faster-diffusion"
     prior_noise: float = 0.003
     parallel: bool = False
     max_batch: int | None = None
+    regions: Any = field(default=None, compare=False)
     schedule: Schedule = field(init=False, repr=False, compare=False)
 
     reuse = "encoder"
@@ -66,11 +70,13 @@ class DeepCache:
             ids of SD, SDXL and ``UNet2DModel``). 0 is the shallowest and fastest.
         prior_noise: weight of Faster Diffusion's prior noise injection (off by default: not
             part of DeepCache).
+        regions: as for :class:`EncoderPropagation`.
     """
 
     key_steps: Any = 3
     branch: int = 0
     prior_noise: float = 0.0
+    regions: Any = field(default=None, compare=False)
     schedule: Schedule = field(init=False, repr=False, compare=False)
 
     reuse = "deep"

@@ -1,0 +1,199 @@
+"""A tiny UNet in the original LDM code's layout (CompVis / Stability ``UNetModel``), for tests.
+
+Written from scratch after the structure of ``ldm/modules/diffusionmodules/openaimodel.py``:
+``time_embed``, ``input_blocks``, ``middle_block``, ``output_blocks`` and ``out``; the encoder
+pushes every input block's output onto a list ``hs`` and the decoder pops them, concatenating
+each with its hidden state. ``ldm_unet()`` is shaped like SD 1.5 (two res blocks per level,
+attention at every level but the last, a mid block of res/attention/res), with two levels of
+16 and 32 channels. Unlike LDM, no layer is zero-initialised: random weights must matter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000):
+    """Sinusoidal embedding of a 1-D tensor of timesteps (cos first, as in LDM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = timesteps[:, None].float() * freqs[None].to(timesteps.device)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(4, channels)
+
+
+class TimestepBlock(nn.Module):
+    """A block whose forward also takes the time embedding."""
+
+
+class SpatialTransformer(nn.Module):
+    """Norm, 1x1 projection in, transformer blocks over the pixels, projection out, residual."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int, depth: int = 1) -> None:
+        super().__init__()
+        self.norm = norm(channels)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # b, hw, c
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention on the context, GEGLU feed-forward; pre-norm."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads)
+        self.attn2 = CrossAttention(dim, heads, context_dim)
+        self.ff_in, self.ff_out = nn.Linear(dim, 8 * dim), nn.Linear(4 * dim, dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        hidden, gate = self.ff_in(self.norm3(x)).chunk(2, dim=-1)
+        return x + self.ff_out(hidden * F.gelu(gate))
+
+
+class ResBlock(TimestepBlock):
+    """GroupNorm-SiLU-conv, plus the projected time embedding, GroupNorm-SiLU-conv, skip."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(norm(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(norm(out_channels), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if out_channels == channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x) + self.emb_layers(emb)[..., None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """A sequence that hands the time embedding and the context to the layers that take them."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, TimestepBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """The LDM UNet: ``forward(x, timesteps, context) -> eps``."""
+
+    def __init__(self, in_channels=4, model_channels=16, out_channels=4, num_res_blocks=2,
+                 attention_resolutions=(1,), channel_mult=(1, 2), num_heads=2,
+                 context_dim=32) -> None:
+        super().__init__()
+        self.model_channels = model_channels
+        emb = 4 * model_channels
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(),
+                                        nn.Linear(emb, emb))
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        chans, ch, ds = [model_channels], model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, emb, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(SpatialTransformer(ch, num_heads, context_dim))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb), SpatialTransformer(ch, num_heads, context_dim), ResBlock(ch, emb))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + chans.pop(), emb, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(SpatialTransformer(ch, num_heads, context_dim))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
+        # LDM takes a 1-D tensor of timesteps; a scalar is broadcast to the batch here.
+        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        hs, h = [], x
+        for module in self.input_blocks:
+            h = module(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for module in self.output_blocks:
+            h = torch.cat([h, hs.pop()], dim=1)
+            h = module(h, emb, context)
+        return self.out(h)
+
+
+def ldm_unet(seed: int = 0, **overrides) -> UNetModel:
+    """An SD-1.5-shaped LDM UNet with 16 base channels and random weights."""
+    torch.manual_seed(seed)
+    return UNetModel(**overrides).eval()

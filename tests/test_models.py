@@ -1,0 +1,415 @@
+"""Any UNet: LDM layout, video, IF, SD-2, UNet2DModel variants, LoRA and user-written UNets.
+
+``MODELS`` is the list of tiny model builders that ``tools/support_table.py`` also runs. For each
+model the split composes to the whole UNet and a generation with every step a key step equals
+plain sampling; sparse plans never read the current latent at non-key steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import (MotionAdapter, UNet2DModel, UNet3DConditionModel, UNetMotionModel,
+                       UNetSpatioTemporalConditionModel)
+from torch import nn
+
+import fxprop
+import fxprop.runtime
+from conftest import TEXT_DIM, make_scheduler, sd_unet, text_embeds, tiny_vae
+from fxprop.capture import Captured, flatten_call
+from fxprop.cuts import encoder_cut, find_bottleneck
+from fxprop.regions import module_path, resolve_layout
+from fxprop.split import check_split
+from ldm_unet import ldm_unet
+
+TIMESTEPS = torch.tensor([900, 600, 300, 100])
+
+
+@dataclass
+class Model:
+    """A tiny UNet and one call of it: ``unet(x, t, *args, **kwargs)``."""
+
+    build: Callable[[], nn.Module]
+    latent: tuple                       # shape of the first forward argument
+    args: Callable[[], tuple] = tuple   # the arguments after the timestep
+    kwargs: Callable[[], dict] = dict
+    regions: dict | None = None         # fxprop.accelerate(..., regions=...)
+    out_channels: int = 0               # channels of the output the latent is moved by (0: all)
+    channel_dim: int = 1
+
+    def call(self, seed: int = 0) -> tuple[torch.Tensor, tuple, dict]:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(self.latent, generator=g), self.args(), self.kwargs()
+
+    def advance(self, x: torch.Tensor, out: Any) -> torch.Tensor:
+        """One toy sampler step: move the latent's first channels against the output."""
+        eps = sample_of(out)
+        n = self.out_channels or x.shape[self.channel_dim]
+        head, tail = x.split([n, x.shape[self.channel_dim] - n], self.channel_dim)
+        return torch.cat([head - 0.2 * eps.narrow(self.channel_dim, 0, n), tail],
+                         self.channel_dim)
+
+
+def sample_of(out: Any) -> torch.Tensor:
+    """The predicted tensor of any UNet's output (tensor, BaseOutput or tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def _randn(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _text(batch: int = 2, tokens: int = 5, dim: int = TEXT_DIM) -> Callable[[], tuple]:
+    return lambda: (_randn(batch, tokens, dim),)
+
+
+# -- builders ----------------------------------------------------------------------------------
+
+def sd2_unet():
+    return sd_unet(use_linear_projection=True, attention_head_dim=(2, 4))
+
+
+def if_unet():
+    """DeepFloyd-IF-II-like: text projection, text addition embedding, noise-level classes."""
+    return sd_unet(in_channels=3, out_channels=6, encoder_hid_dim=24, addition_embed_type="text",
+                   class_embed_type="timestep", mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                   down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+                   up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                   resnet_time_scale_shift="scale_shift", act_fn="gelu",
+                   addition_embed_type_num_heads=2)
+
+
+def unet2d(down, up, seed=0, channels=(16, 32), **extra):
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=channels, norm_num_groups=8, attention_head_dim=8,
+                       down_block_types=down, up_block_types=up, **extra).eval()
+
+
+def lora_unet(fused: bool = False):
+    from peft import LoraConfig
+    unet = sd_unet(seed=4)
+    torch.manual_seed(5)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    if fused:
+        unet.fuse_lora()
+    return unet.eval()
+
+
+def unet3d():
+    torch.manual_seed(0)
+    return UNet3DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(16, 32),
+                                norm_num_groups=8, attention_head_dim=4,
+                                cross_attention_dim=TEXT_DIM,
+                                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D")).eval()
+
+
+def svd_unet():
+    torch.manual_seed(0)
+    return UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 32), num_attention_heads=(2, 2), cross_attention_dim=TEXT_DIM,
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=12, num_frames=2,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal")).eval()
+
+
+def motion_unet():
+    torch.manual_seed(0)
+    adapter = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1,
+                            motion_num_attention_heads=2, motion_norm_num_groups=8,
+                            motion_max_seq_length=8)
+    return UNetMotionModel.from_unet2d(sd_unet(seed=6), adapter).eval()
+
+
+class HandUNet(nn.Module):
+    """A user-written UNet: names no layout knows, skips kept in local variables."""
+
+    def __init__(self, c: int = 8, emb: int = 16) -> None:
+        super().__init__()
+        self.time = nn.Sequential(nn.Linear(emb, emb), nn.SiLU())
+        self.enc1 = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.GroupNorm(4, c), nn.SiLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.SiLU())
+        self.bottleneck = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(2 * c, 2 * c, 3, padding=1),
+                                        nn.SiLU())
+        self.dec2 = Up(2 * c, 2 * c, c, emb)
+        self.dec1 = Up(c, c, c, emb)
+        self.head = nn.Conv2d(c, 3, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        half = torch.arange(8, dtype=torch.float32) / 8
+        angles = torch.as_tensor(t).reshape(-1, 1).float() * torch.exp(-math.log(1e4) * half)
+        emb = self.time(torch.cat([angles.sin(), angles.cos()], -1))
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        h = self.bottleneck(e2 + emb[:, : e2.shape[1], None, None])
+        return self.head(self.dec1(self.dec2(h, e2, emb), e1, emb))
+
+
+class Up(nn.Module):
+    def __init__(self, c_in: int, c_skip: int, c_out: int, emb: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c_in, c_in, 2, stride=2)
+        self.conv = nn.Conv2d(c_in + c_skip, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb, c_out)
+
+    def forward(self, x, skip, emb):
+        h = self.conv(torch.cat([self.up(x), skip], 1)) + self.emb(emb)[..., None, None]
+        return F.silu(h)
+
+
+def hand_unet():
+    torch.manual_seed(0)
+    return HandUNet().eval()
+
+
+HAND_REGIONS = {"encoder": ["enc1", "enc2"], "mid": ["bottleneck"], "decoder": ["dec2", "dec1"],
+                "output": ["head"]}
+
+MODELS: dict[str, Model] = {
+    "SD-1.5 (UNet2DConditionModel)": Model(sd_unet, (2, 4, 8, 8), _text()),
+    "SD-2.x (linear projection, head dims per block)": Model(sd2_unet, (2, 4, 8, 8), _text()),
+    "DeepFloyd-IF (text embeds, SimpleCrossAttn)": Model(
+        if_unet, (2, 3, 8, 8), _text(dim=24), lambda: {"class_labels": torch.tensor([20, 20])},
+        out_channels=3),
+    "LoRA (peft, unfused)": Model(lora_unet, (2, 4, 8, 8), _text()),
+    "LoRA (peft, fused)": Model(lambda: lora_unet(fused=True), (2, 4, 8, 8), _text()),
+    "UNet2DModel (DDPM, AttnDownBlock2D)": Model(
+        lambda: unet2d(("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")),
+        (2, 3, 8, 8)),
+    "UNet2DModel (ResnetDownsample/ResnetUpsample)": Model(
+        lambda: unet2d(("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+                       ("AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                       resnet_time_scale_shift="scale_shift"), (2, 3, 8, 8)),
+    "UNet2DModel (score-SDE skip blocks, Fourier time)": Model(
+        lambda: unet2d(("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+                       ("AttnSkipUpBlock2D", "SkipUpBlock2D"), channels=(32, 32),
+                       time_embedding_type="fourier"),  # skip blocks norm with 32 groups
+        (2, 3, 8, 8)),
+    "LDM UNetModel (input_blocks/output_blocks)": Model(ldm_unet, (2, 4, 16, 16), _text()),
+    "UNet3DConditionModel (text-to-video)": Model(unet3d, (1, 4, 2, 8, 8), _text(1)),
+    "UNetSpatioTemporalConditionModel (SVD)": Model(
+        svd_unet, (1, 2, 8, 8, 8), _text(1, 1), lambda: {"added_time_ids": _randn(1, 3)},
+        out_channels=4, channel_dim=2),
+    # AnimateDiff's pipeline repeats the text embeddings per frame before calling the UNet
+    "UNetMotionModel (AnimateDiff)": Model(motion_unet, (1, 4, 2, 8, 8), _text(2)),
+    "user-written, structural fallback": Model(hand_unet, (2, 3, 16, 16)),
+    "user-written, regions=": Model(hand_unet, (2, 3, 16, 16), regions=HAND_REGIONS),
+}
+
+
+# -- helpers shared with tools/support_table.py ------------------------------------------------
+
+def accelerate(unet: nn.Module, regions: dict | None = None, **options: Any):
+    """``fxprop.accelerate(unet, regions=..., ...)``; until the runtime resolves layouts itself
+    (``fxprop.regions.resolve_layout``), its layout lookup is pointed there for the call."""
+    if "resolve_layout" in vars(fxprop.runtime):
+        return fxprop.accelerate(unet, **options, **({"regions": regions} if regions else {}))
+    with mock.patch.object(fxprop.runtime, "find_layout", lambda u: resolve_layout(u, regions)):
+        return fxprop.accelerate(unet, **options)
+
+
+@torch.no_grad()
+def generate(model: Model, unet: nn.Module, timesteps: torch.Tensor = TIMESTEPS,
+             feed: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list:
+    """The outputs of a toy sampling loop; ``feed(step, x)`` is what the UNet is given."""
+    x, args, kwargs = model.call()
+    if isinstance(unet, fxprop.AcceleratedUNet):
+        unet.set_timesteps(timesteps)
+    outs = []
+    for i, t in enumerate(timesteps):
+        out = sample_of(unet(feed(i, x) if feed else x, t, *args, **kwargs))
+        outs.append(out)
+        x = model.advance(x, out)
+    return outs
+
+
+def max_diff(a: list, b: list) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+class Check(NamedTuple):
+    split_error: float
+    generation_error: float
+    captured: Captured
+
+
+@torch.no_grad()
+def check_model(model: Model, unet: nn.Module, timesteps: torch.Tensor = TIMESTEPS,
+                **options: Any) -> Check:
+    """Split and every-step-key generation errors of ``model``; raises past 1e-5."""
+    acc = accelerate(unet, model.regions, key_steps=1, **options)
+    x, args, kwargs = model.call()
+    call = flatten_call(unet.forward, (x, timesteps[0], *args), kwargs)
+    captured, parts = acc.parts_for(call)
+    if options.get("reuse", "encoder") == "encoder":
+        assert 0 not in parts.step_inputs, "the every-step part reads the latent"
+    split_error = check_split(parts, captured, call.tensors)
+    generation_error = max_diff(generate(model, acc, timesteps), generate(model, unet, timesteps))
+    assert generation_error <= 1e-5, f"every-step-key generation differs by {generation_error}"
+    return Check(split_error, generation_error, captured)
+
+
+def sparse_generation(model: Model, unet: nn.Module, keys: list[int],
+                      timesteps: torch.Tensor = TIMESTEPS, **options: Any) -> list:
+    """A generation with key steps ``keys`` that must not fall back to the whole UNet."""
+    acc = accelerate(unet, model.regions, key_steps=keys, **options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fxprop:")
+        return generate(model, acc, timesteps)
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+_UNETS: dict = {}
+
+
+def unet_of(model: Model) -> nn.Module:
+    """One UNet per builder, so that models sharing one also share its captures."""
+    if model.build not in _UNETS:
+        _UNETS[model.build] = model.build()
+    return _UNETS[model.build]
+
+
+@contextlib.contextmanager
+def shared_captures():
+    """Capture is a pure function of UNet and call signature: share it between runtimes."""
+    memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    real = fxprop.runtime.capture
+
+    def capture(unet, call):
+        per_unet = memo.setdefault(unet, {})
+        if call.key not in per_unet:
+            per_unet[call.key] = real(unet, call)
+        return per_unet[call.key]
+
+    with mock.patch.object(fxprop.runtime, "capture", capture):
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_capture_per_call():
+    with shared_captures():
+        yield
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_split_composes_and_every_step_key_equals_plain(name):
+    model = MODELS[name]
+    assert check_model(model, unet_of(model)).split_error <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["LDM UNetModel (input_blocks/output_blocks)",
+                                  "user-written, structural fallback",
+                                  "UNetSpatioTemporalConditionModel (SVD)"])
+def test_non_key_steps_never_read_the_latent(name):
+    model, keys = MODELS[name], [0, 2]
+    unet = unet_of(model)
+    acc = accelerate(unet, model.regions, key_steps=keys)
+    sparse = sparse_generation(model, unet, keys)
+    x, args, kwargs = model.call()
+    captured, parts = acc.parts_for(flatten_call(unet.forward, (x, TIMESTEPS[0], *args), kwargs))
+    placeholders = [n.name for n in parts.step.graph.nodes if n.op == "placeholder"]
+    assert captured.input_names[0] not in placeholders and 0 not in parts.step_inputs
+    garbage = generate(model, acc, feed=lambda i, x: x if i in keys else torch.full_like(x, 7.0))
+    assert max_diff(sparse, garbage) == 0.0
+    assert max_diff(sparse, generate(model, unet)) > 1e-4  # features really were reused
+
+
+def test_ldm_is_found_by_name_and_caches_the_encoder():
+    unet = unet_of(MODELS["LDM UNetModel (input_blocks/output_blocks)"])
+    assert resolve_layout(unet).name == "ldm"
+    acc = accelerate(unet, key_steps=1)
+    x, args, kwargs = MODELS["LDM UNetModel (input_blocks/output_blocks)"].call()
+    _, parts = acc.parts_for(flatten_call(unet.forward, (x, TIMESTEPS[0], *args), kwargs))
+    paths = {module_path(n).split(".")[0] for n in parts.step.graph.nodes
+             if n.op != "placeholder"}
+    assert {"output_blocks", "out", "time_embed"} <= paths
+    assert not paths & {"input_blocks", "middle_block"}
+
+
+def test_structural_fallback_finds_the_cut_the_user_would_name():
+    unet = unet_of(MODELS["user-written, structural fallback"])
+    x, *_ = MODELS["user-written, structural fallback"].call()
+    captured = fxprop.runtime.capture(unet, flatten_call(unet.forward, (x, TIMESTEPS[0]), {}))
+    neck = find_bottleneck(captured)
+    assert module_path(neck.first).startswith("bottleneck") and neck.resolution == 16
+    assert module_path(neck.upsample) == "dec2.up"
+    structural = encoder_cut(captured, resolve_layout(unet))
+    named = encoder_cut(captured, resolve_layout(unet, HAND_REGIONS))
+    assert structural == named
+    assert [module_path(n) for n in named] == ["enc1.2", "enc2.1", "bottleneck.2"]
+
+
+class Plain(nn.Sequential):
+    """Not a UNet: no downsampling, no skips."""
+
+    def forward(self, x, t):
+        return super().forward(x)
+
+
+def test_without_names_or_bottleneck_the_error_says_how_to_fix_it():
+    plain = Plain(OrderedDict(a=nn.Conv2d(3, 8, 3, padding=1), b=nn.Conv2d(8, 3, 3, padding=1)))
+    acc = accelerate(plain, key_steps=1)
+    acc.set_timesteps(TIMESTEPS)
+    with pytest.raises(ValueError, match=r"top-level modules \['a', 'b'\].*found no downsampling"
+                                         r".*regions=\{'encoder'"):
+        acc(torch.randn(1, 3, 8, 8), TIMESTEPS[0])
+
+
+def test_bad_regions_are_named():
+    unet = hand_unet()
+    with pytest.raises(ValueError, match=r"\['dec3'\], which HandUNet does not have; its "
+                                         r"top-level modules are \['bottleneck', 'dec1'"):
+        accelerate(unet, {"decoder": ["dec3"]})
+    with pytest.raises(ValueError, match="regions must name the decoder"):
+        accelerate(unet, {"encoder": ["enc1"]})
+    with pytest.raises(ValueError, match=r"unknown keys \['up'\]"):
+        accelerate(unet, {"decoder": ["dec1"], "up": ["dec1"]})
+    acc = accelerate(unet, {"encoder": ["dec1"], "decoder": ["dec2"]}, key_steps=1)
+    acc.set_timesteps(TIMESTEPS)
+    with pytest.raises(ValueError, match=r"of dec1\.\w+ \(encoder in the regions layout\) runs "
+                                         "after the decoder"):
+        acc(torch.randn(1, 3, 16, 16), TIMESTEPS[0])
+
+
+# -- a video pipeline end to end ---------------------------------------------------------------
+
+def video_pipeline():
+    from diffusers import TextToVideoSDPipeline
+    return TextToVideoSDPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None,
+                                 unet=unet3d(), scheduler=make_scheduler("ddim"))
+
+
+def run_video(pipe) -> torch.Tensor:
+    return pipe(**text_embeds(1), num_frames=2, height=16, width=16, num_inference_steps=4,
+                guidance_scale=5.0, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).frames
+
+
+def test_text_to_video_pipeline():
+    plain = video_pipeline()
+    reference = run_video(plain)
+    pipe = type(plain)(**plain.components)
+    fxprop.accelerate(pipe, key_steps=1, prior_noise=0)
+    assert (run_video(pipe) - reference).abs().max().item() <= 1e-5
+    fxprop.accelerate(pipe, key_steps=[0, 2], prior_noise=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fxprop:")  # no fallback to the whole UNet
+        sparse = run_video(pipe)
+    assert sparse.shape == reference.shape and torch.isfinite(sparse).all()
+    assert (sparse - reference).abs().max().item() > 1e-4

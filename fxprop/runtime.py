@@ -2,12 +2,14 @@
 
 :class:`AcceleratedUNet` captures the UNet once per input signature, splits it with the
 policy's cut, and at every call runs either the full graph (key step: output and frontier) or
-the every-step part on the cached frontier. The frontier is its only cross-step state. Any call
-that does not match the plan runs the whole UNet, which is always correct, and warns once.
+the every-step part on the cached frontier. The frontier is its only cross-step state (plus,
+in parallel mode, the outputs of the current chunk of steps: see :mod:`fxprop.parallel`). Any
+call that does not match the plan runs the whole UNet, which is always correct, and warns once.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -15,11 +17,14 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.profiler import record_function
 
 from .capture import CallKey, Captured, FlatCall, capture, flatten_call
 from .config import Policy
+from .parallel import (Chunk, Inputs, batched_inputs, check_batched, chunk_at, repeat_batch,
+                       repeated_call, steps_per_call, timestep_vector)
 from .plan import Plan, make_plan
-from .regions import find_layout
+from .regions import resolve_layout
 from .split import Parts, split
 
 __all__ = ["AcceleratedUNet", "TimestepSource"]
@@ -39,6 +44,8 @@ class _Generation:
     frontier: tuple | None = None
     frontier_key: CallKey | None = None
     off_plan: bool = False
+    chunk: Chunk | None = None      # parallel mode: outputs of the current chunk of steps
+    timesteps: torch.Tensor | None = None  # parallel mode: the plan's, on the call's device
 
 
 class AcceleratedUNet(nn.Module):
@@ -49,9 +56,12 @@ class AcceleratedUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.policy = policy
-        self.layout = find_layout(unet)
+        self.layout = resolve_layout(unet, getattr(policy, "regions", None))
+        policy.validate(unet)
         self._source = timestep_source
         self._captured: dict[CallKey, tuple[Captured, Parts]] = {}
+        self._batched: dict[tuple[CallKey, int], Parts] = {}
+        self._timestep_name = list(inspect.signature(unet.forward).parameters)[1]
         self._generation: _Generation | None = None
         self._warned = False
 
@@ -82,6 +92,14 @@ class AcceleratedUNet(nn.Module):
         plan = make_plan(timesteps[begin:], self.policy.schedule, num_train_timesteps)
         self._generation = _Generation(plan, timesteps, begin)
         return plan
+
+    def with_policy(self, policy: Policy) -> "AcceleratedUNet":
+        """A runtime of the same UNet with ``policy``; it shares this one's captured graphs
+        when both cut alike, so re-planning costs no new capture."""
+        other = AcceleratedUNet(self.unet, policy, self._source)
+        if policy.cut is self.policy.cut:
+            other._captured, other._batched = self._captured, self._batched
+        return other
 
     def reset(self) -> None:
         """Forget the current generation (plan and cached frontier)."""
@@ -114,7 +132,7 @@ class AcceleratedUNet(nn.Module):
         if gen.off_plan:
             return None
         if gen.step >= len(gen.plan) or not _matches(timestep, gen, gen.begin + gen.step):
-            gen.off_plan, gen.frontier = True, None
+            gen.off_plan, gen.frontier, gen.chunk = True, None, None
             self._warn(f"UNet call {gen.step} does not match the plan of {len(gen.plan)} "
                        "steps (unexpected timestep or call order)")
             return None
@@ -143,16 +161,87 @@ class AcceleratedUNet(nn.Module):
         step, gen.step = gen.step, gen.step + 1
         captured, parts = self.parts_for(call)
         if gen.plan.is_key[step]:
-            out = parts.full(*call.tensors)
-            gen.frontier, gen.frontier_key = out[parts.num_outputs:], call.key
-            out = out[: parts.num_outputs]
+            out = self._key_step(gen, step, call, parts)
         elif gen.frontier is None or gen.frontier_key != call.key:
-            gen.off_plan, gen.frontier = True, None
+            gen.off_plan, gen.frontier, gen.chunk = True, None, None
             self._warn(f"UNet call {step} has other inputs than its key step")
             return self.unet(*args, **kwargs)
         else:
-            out = parts.step(*[call.tensors[i] for i in parts.step_inputs], *gen.frontier)
+            out = self._reuse_step(gen, step, call, parts)
         return pytree.tree_unflatten(list(out), captured.out_spec)
+
+    def _key_step(self, gen: _Generation, step: int, call: FlatCall, parts: Parts) -> tuple:
+        """Compute the frontier, and the output of this step (of its chunk in parallel mode)."""
+        gen.frontier_key, gen.chunk = call.key, None
+        steps = self._chunk(gen, step, call)
+        if steps is None or len(steps) == 1:
+            with record_function("fxprop.full"):
+                out = parts.full(*call.tensors)
+            gen.frontier = out[parts.num_outputs:]
+            return out[: parts.num_outputs]
+        with record_function("fxprop.key"):
+            gen.frontier = parts.key(*[call.tensors[i] for i in parts.key_inputs])
+        return self._run_chunk(gen, steps, call, parts)
+
+    def _reuse_step(self, gen: _Generation, step: int, call: FlatCall, parts: Parts) -> tuple:
+        """The output of a non-key step from the cached frontier."""
+        if gen.chunk is not None and step in gen.chunk.steps and gen.chunk.inputs.same_as(call):
+            return gen.chunk.take(step)
+        steps = self._chunk(gen, step, call)
+        if steps is not None and len(steps) > 1:
+            return self._run_chunk(gen, steps, call, parts)
+        # Sequential mode, a chunk of one step, or inputs changed since the chunk was computed
+        # (e.g. a callback replaced the prompt embeddings): this step alone, still exact.
+        with record_function("fxprop.step"):
+            return parts.step(*[call.tensors[i] for i in parts.step_inputs], *gen.frontier)
+
+    # -- parallel mode -------------------------------------------------------------------------
+
+    def _chunk(self, gen: _Generation, step: int, call: FlatCall) -> range | None:
+        """In parallel mode, the steps computed in one call from ``step`` if a chunk starts
+        there; else None."""
+        if not getattr(self.policy, "parallel", False):
+            return None
+        segment = gen.plan.segment_of(step)
+        per_call = steps_per_call(getattr(self.policy, "max_batch", None), _batch(call), segment)
+        return chunk_at(segment, step, per_call)
+
+    def _run_chunk(self, gen: _Generation, steps: range, call: FlatCall, parts: Parts) -> tuple:
+        """Run the every-step part once for ``steps`` and keep the outputs; return the first."""
+        batch, times, t_index = _batch(call), len(steps), self._timestep_index(call)
+        if gen.timesteps is None:  # one host-to-device copy per generation
+            like = call.tensors[t_index]
+            gen.timesteps = torch.tensor(gen.plan.timesteps, dtype=torch.float64).to(
+                like.dtype).to(like.device)
+        timesteps = timestep_vector(gen.timesteps, steps, batch)
+        batched = self._batched_parts(call, parts, times, timesteps)
+        with record_function(f"fxprop.step[x{times}]"):  # with the repeats: all a chunk costs
+            inputs = batched_inputs(call, batched.step_inputs, batch, times, t_index, timesteps)
+            frontier = [repeat_batch(f, times) for f in gen.frontier]
+            outputs = batched.step(*inputs, *frontier)
+            del inputs, frontier
+        every_step = [i for i in parts.step_inputs if i != t_index]
+        gen.chunk = Chunk(steps, tuple(outputs), batch, Inputs.of(call, every_step))
+        return gen.chunk.take(steps.start)
+
+    def _batched_parts(self, call: FlatCall, parts: Parts, times: int,
+                       timesteps: torch.Tensor) -> Parts:
+        """Parts of the UNet captured at ``times`` x this call's batch (cached by CallKey)."""
+        if (call.key, times) not in self._batched:
+            repeated = repeated_call(self.unet.forward, call, times, self._timestep_index(call),
+                                     timesteps)
+            batched = self.parts_for(repeated)[1]
+            check_batched(parts, batched, 0, times)
+            self._batched[call.key, times] = batched
+        return self._batched[call.key, times]
+
+    def _timestep_index(self, call: FlatCall) -> int:
+        """Index of the timestep among the call's tensor leaves (the forward's 2nd argument)."""
+        return call.names.index(self._timestep_name)
+
+
+def _batch(call: FlatCall) -> int:
+    return call.tensors[0].shape[0]
 
 
 def _timestep_float(timestep: Any) -> float:

@@ -215,12 +215,8 @@ MODELS: dict[str, Model] = {
 # -- helpers shared with tools/support_table.py ------------------------------------------------
 
 def accelerate(unet: nn.Module, regions: dict | None = None, **options: Any):
-    """``fxprop.accelerate(unet, regions=..., ...)``; until the runtime resolves layouts itself
-    (``fxprop.regions.resolve_layout``), its layout lookup is pointed there for the call."""
-    if "resolve_layout" in vars(fxprop.runtime):
-        return fxprop.accelerate(unet, **options, **({"regions": regions} if regions else {}))
-    with mock.patch.object(fxprop.runtime, "find_layout", lambda u: resolve_layout(u, regions)):
-        return fxprop.accelerate(unet, **options)
+    """``fxprop.accelerate(unet, regions=..., ...)`` (``regions`` only when given)."""
+    return fxprop.accelerate(unet, **options, **({"regions": regions} if regions else {}))
 
 
 @torch.no_grad()
@@ -413,3 +409,13 @@ def test_text_to_video_pipeline():
         sparse = run_video(pipe)
     assert sparse.shape == reference.shape and torch.isfinite(sparse).all()
     assert (sparse - reference).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_parallel_mode_equals_sequential(name):
+    """A segment's decoder passes batched into one call give the sequential predictions."""
+    model, keys = MODELS[name], [0]
+    unet = unet_of(model)
+    sequential = sparse_generation(model, unet, keys)
+    parallel = sparse_generation(model, unet, keys, parallel=True)
+    assert max_diff(parallel, sequential) <= 1e-5

@@ -1,0 +1,168 @@
+"""Parallel mode of encoder propagation: the decoder passes of a segment in one batched call.
+
+At a non-key step the every-step part reads the frontier cached at the key step, the timestep
+and the conditioning, never the latent (Faster Diffusion, Sec. 3.2, "parallel"). So the passes
+of ``L`` consecutive steps of a segment are one call at batch ``L * B``: every batched input
+(a tensor leaf with ``shape[0] == B``, or ``B * frames`` for video) repeated ``L`` times, step-major, and the timestep leaf
+replaced by the steps' timesteps, each repeated ``B`` times. Sample ``j * B + b`` of the call
+is sample ``b`` of step ``j``.
+
+Shapes stay static: the runtime captures the UNet once more at batch ``L * B`` for every
+distinct chunk length ``L > 1``. A segment is cut into chunks of ``max(1, max_batch // B)``
+steps (the whole segment without ``max_batch``), so the number of extra graphs per call
+signature is at most the number of distinct chunk lengths: the distinct segment lengths, or
+with ``max_batch`` at most two per segment length (full chunks and the remainder).
+
+Everything here reads host metadata only (shapes, data pointers, version counters), so the
+hot loop makes no device sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from .capture import _TENSOR, FlatCall, flatten_call
+from .plan import Segment
+from .split import Parts
+
+__all__ = ["steps_per_call", "chunk_at", "repeat_batch", "timestep_vector", "repeated_call",
+           "batched_inputs", "check_batched", "Inputs", "Chunk"]
+
+
+def steps_per_call(max_batch: int | None, batch: int, segment: Segment) -> int:
+    """How many steps of ``segment`` one batched call computes (at least 1)."""
+    if max_batch is None:
+        return len(segment)
+    return max(1, min(len(segment), max_batch // batch))
+
+
+def chunk_at(segment: Segment, step: int, per_call: int) -> range | None:
+    """The steps computed together from ``step``, or None if no chunk starts at ``step``."""
+    if (step - segment.start) % per_call:
+        return None
+    return range(step, min(segment.stop, step + per_call))
+
+
+def repeat_batch(x: torch.Tensor, times: int) -> torch.Tensor:
+    """``x`` repeated ``times`` times along the batch, step-major: ``cat([x] * times)``."""
+    return x.repeat(times, *([1] * (x.ndim - 1)))
+
+
+def timestep_vector(table: torch.Tensor, steps: range, batch: int) -> torch.Tensor:
+    """The per-sample timesteps of ``steps``: each step's entry of ``table``, ``batch`` times."""
+    return table[steps.start:steps.stop, None].expand(len(steps), batch).reshape(-1)
+
+
+def _batch_sizes(call: FlatCall) -> set[int]:
+    """First dims of leaves that hold per-sample data: the batch ``B``, and for video samples
+    (5-D, frames at dim 1 or 2) ``B * frames`` (AnimateDiff passes per-frame text embeddings)."""
+    sample = call.tensors[0]
+    batch = sample.shape[0]
+    if sample.ndim != 5:
+        return {batch}
+    return {batch, batch * sample.shape[1], batch * sample.shape[2]}
+
+
+def _batched(x: torch.Tensor, sizes: set[int]) -> bool:
+    return x.ndim > 0 and x.shape[0] in sizes
+
+
+def repeated_call(forward: Callable, call: FlatCall, times: int, timestep_index: int,
+                  timesteps: torch.Tensor) -> FlatCall:
+    """``call`` with every batched leaf repeated ``times`` times and the timestep vector.
+
+    Built through :func:`flatten_call`, so its key is the one a real call at that batch has.
+    """
+    batch = call.tensors[0].shape[0]
+    tensors = iter(batched_inputs(call, range(len(call.tensors)), batch, times,
+                                  timestep_index, timesteps))
+    leaves = [next(tensors) if leaf is _TENSOR else leaf for leaf in call.template]
+    return flatten_call(forward, (), pytree.tree_unflatten(leaves, call.spec))
+
+
+def batched_inputs(call: FlatCall, indices: Any, batch: int, times: int,
+                   timestep_index: int, timesteps: torch.Tensor) -> list[torch.Tensor]:
+    """The tensor leaves ``indices`` of ``call`` as the batched call reads them."""
+    out, sizes = [], _batch_sizes(call)
+    for i in indices:
+        x = call.tensors[i]
+        if i == timestep_index:
+            out.append(timesteps)
+        elif _batched(x, sizes):
+            out.append(repeat_batch(x, times))
+        else:
+            out.append(x)
+    return out
+
+
+def _frontier_shapes(parts: Parts) -> list[tuple[int, ...] | None]:
+    """Shapes of the frontier inputs of ``parts.step`` from the capture's metadata."""
+    placeholders = [n for n in parts.step.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in placeholders[len(parts.step_inputs):]]
+    return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
+
+
+def check_batched(parts: Parts, batched: Parts, latent_index: int, times: int) -> None:
+    """Raise unless ``batched`` (captured at ``times`` x the batch) can take ``parts``' frontier
+    repeated ``times`` times, and its every-step part does not read the latent."""
+    if latent_index in batched.step_inputs:
+        raise ValueError("parallel mode needs an every-step part that does not read the latent "
+                         f"(input {latent_index}); its inputs are {batched.step_inputs}: pass "
+                         "parallel=False")
+    ours, theirs = _frontier_shapes(parts), _frontier_shapes(batched)
+    expected = [None if s is None else (s[0] * times, *s[1:]) for s in ours]
+    if expected != theirs:
+        raise ValueError(f"parallel mode: the UNet captured at {times}x the batch has the "
+                         f"frontier {theirs}, expected {expected}; pass parallel=False")
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """The in-place version counter (inference tensors have none)."""
+    return None if x.is_inference() else x._version
+
+
+@dataclass
+class Inputs:
+    """The every-step inputs a chunk was computed from, to tell whether a later call has them.
+
+    Holding the tensors keeps their memory alive, so an equal data pointer, stride and version
+    means the same values: a pipeline may pass the same tensor or a fresh view of it.
+    """
+
+    indices: tuple[int, ...]
+    tensors: tuple[torch.Tensor, ...]
+    versions: tuple[int | None, ...]
+
+    @classmethod
+    def of(cls, call: FlatCall, indices: Any) -> "Inputs":
+        tensors = tuple(call.tensors[i] for i in indices)
+        return cls(tuple(indices), tensors, tuple(_version(x) for x in tensors))
+
+    def same_as(self, call: FlatCall) -> bool:
+        for i, ref, version in zip(self.indices, self.tensors, self.versions):
+            x = call.tensors[i]
+            if x is ref and version is None:
+                continue
+            if (version is None or x.data_ptr() != ref.data_ptr() or x.stride() != ref.stride()
+                    or _version(x) != version):
+                return False
+        return True
+
+
+@dataclass
+class Chunk:
+    """Predictions of the steps ``steps``, computed in one call from ``inputs``."""
+
+    steps: range
+    outputs: tuple[torch.Tensor, ...]   # each of batch ``len(steps) * batch``, step-major
+    batch: int
+    inputs: Inputs
+
+    def take(self, step: int) -> tuple[torch.Tensor, ...]:
+        """The outputs of ``step`` (views of the batched outputs)."""
+        j = step - self.steps.start
+        return tuple(o[j * self.batch:(j + 1) * self.batch] for o in self.outputs)

@@ -1,0 +1,218 @@
+"""Parallel mode: a segment's decoder passes batched into one call give the sequential output.
+
+Captures dominate the cost here (a torch.export per call signature and chunk length), so one
+runtime serves both modes: its policy is switched between sequential and parallel, which keeps
+its captured graphs (the cut is the same).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fxprop
+from conftest import ddpm_pipeline, make_scheduler, sd_unet
+from fxprop.capture import flatten_call
+from fxprop.parallel import chunk_at, steps_per_call
+from fxprop.plan import Segment
+from test_pipelines import CASES, STEPS
+
+SCHEDULERS = ["ddim", "pndm", "euler", "euler_a", "dpm++", "unipc", "lcm", "heun"]
+KEY_STEPS = [0, 2, 3]
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The 2 cores are shared with other jobs: two spinning OpenMP threads per process then
+    make these tiny models 10-50x slower than one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _profiled(generate):
+    """``generate()`` and how often each of fxprop's parts ran in it."""
+    with torch.profiler.profile() as prof:
+        out = generate()
+    return out, Counter({e.key: e.count for e in prof.key_averages()
+                         if e.key.startswith("fxprop.")})
+
+
+def _predictions(calls: Counter) -> int:
+    """UNet outputs the parts computed: a call of ``fxprop.step[xL]`` computes L."""
+    return sum(n * (int(k.split("[x")[1][:-1]) if "[x" in k else k != "fxprop.key")
+               for k, n in calls.items())
+
+
+def _both(runtime, generate):
+    """``generate()`` with the runtime switched to sequential mode, then in its parallel mode;
+    checks that parallel mode computed each prediction once (no fallback to single steps)."""
+    parallel = runtime.policy
+    runtime.policy = dataclasses.replace(parallel, parallel=False, max_batch=None)
+    try:
+        reference, sequential = _profiled(generate)
+    finally:
+        runtime.policy = parallel
+    candidate, calls = _profiled(generate)
+    assert _predictions(calls) == _predictions(sequential), (calls, sequential)
+    return reference, candidate, calls
+
+
+# -- chunks ------------------------------------------------------------------------------------
+
+def test_chunks_cover_the_segment_in_steps_of_max_batch_over_batch():
+    segment = Segment(3, 10)
+    assert steps_per_call(None, 2, segment) == 7
+    assert steps_per_call(6, 2, segment) == 3
+    assert steps_per_call(1, 2, segment) == 1      # never less than one step
+    assert steps_per_call(100, 2, segment) == 7    # never more than the segment
+    chunks = [chunk_at(segment, s, 3) for s in range(3, 10)]
+    assert [c for c in chunks if c is not None] == [range(3, 6), range(6, 9), range(9, 10)]
+
+
+# -- pipelines ---------------------------------------------------------------------------------
+
+def _batch(case: str) -> int:
+    return 4 if case == "sd-nocfg-batch" else 2
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pipe(request):
+    """An accelerated pipeline with a sparse key set, prior noise and chunks of 2 steps."""
+    factory, kwargs = CASES[request.param]
+    pipe = fxprop.accelerate(factory(), key_steps=KEY_STEPS, parallel=True,
+                             max_batch=2 * _batch(request.param))
+    return pipe, kwargs
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_parallel_equals_sequential_in_pipelines(pipe, scheduler):
+    pipe, kwargs = pipe
+    pipe.scheduler = make_scheduler(scheduler)
+
+    def generate():
+        return pipe(**kwargs(), num_inference_steps=STEPS, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    reference, candidate, calls = _both(pipe.unet, generate)
+    assert any("[x2]" in label for label in calls)
+    assert (candidate - reference).abs().max().item() <= TOLERANCE
+
+
+def test_parallel_equals_sequential_in_ddpm_pipeline():
+    pipe = ddpm_pipeline()  # has no callback_on_step_end: no prior noise injection
+    fxprop.accelerate(pipe, key_steps=KEY_STEPS, prior_noise=0, parallel=True)
+    for scheduler in ("ddpm", "ddim"):
+        if scheduler == "ddim":
+            from diffusers import DDIMScheduler
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+
+        def generate():
+            return pipe(batch_size=2, num_inference_steps=STEPS, output_type="np",
+                        generator=torch.Generator().manual_seed(0)).images
+
+        reference, candidate, calls = _both(pipe.unet, generate)
+        assert "fxprop.step[x2]" in calls and "fxprop.step[x3]" in calls
+        assert abs(candidate - reference).max() <= TOLERANCE
+
+
+# -- the bare UNet -----------------------------------------------------------------------------
+
+TIMESTEPS = torch.tensor([999, 799, 599, 399, 199, 99])
+
+
+@pytest.fixture(scope="module")
+def unet_runtime():
+    """A UNet with cross-attention in its decoder only: a third of the tiny UNet's capture time,
+    and the every-step part still reads the conditioning."""
+    unet = sd_unet(down_block_types=("DownBlock2D", "DownBlock2D"), mid_block_type="UNetMidBlock2D",
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return fxprop.accelerate(unet, key_steps=[0], parallel=True)
+
+
+def _loop(runtime, batch: int, edit=None):
+    """Run the UNet over TIMESTEPS on changing latents; ``edit(step, embeds)`` may change the
+    conditioning before a step."""
+    g = torch.Generator().manual_seed(batch)
+    latents = torch.randn(len(TIMESTEPS), batch, 4, 8, 8, generator=g)
+    embeds = torch.randn(batch, 5, 32, generator=g)
+    runtime.set_timesteps(TIMESTEPS)
+    outs = []
+    with torch.no_grad():
+        for i, t in enumerate(TIMESTEPS):
+            embeds = edit(i, embeds) if edit else embeds
+            outs.append(runtime(latents[i], t, encoder_hidden_states=embeds).sample)
+    return torch.stack(outs)
+
+
+def _use(runtime, key_steps, max_batch=None):
+    runtime.policy = fxprop.EncoderPropagation(key_steps=key_steps, parallel=True,
+                                               max_batch=max_batch)
+
+
+@settings(max_examples=10, deadline=None)
+@given(keys=st.sets(st.integers(1, len(TIMESTEPS) - 1), max_size=3),
+       batch=st.sampled_from([1, 2]), max_batch=st.sampled_from([None, 1, 2, 4, 6]))
+def test_parallel_equals_sequential_at_unet_level(unet_runtime, keys, batch, max_batch):
+    _use(unet_runtime, [0, *sorted(keys)], max_batch)
+    reference, candidate, _ = _both(unet_runtime, lambda: _loop(unet_runtime, batch))
+    assert (candidate - reference).abs().max().item() <= TOLERANCE
+
+
+def _calls(runtime, batch=2):
+    return _profiled(lambda: _loop(runtime, batch))[1]
+
+
+def test_key_part_once_per_segment_and_step_part_once_per_chunk(unet_runtime):
+    _use(unet_runtime, [0, 3])
+    assert _calls(unet_runtime) == {"fxprop.key": 2, "fxprop.step[x3]": 2}
+    _use(unet_runtime, [0, 3], max_batch=4)  # 2 steps per call: [0 1] [2] [3 4] [5]
+    assert _calls(unet_runtime) == {"fxprop.key": 2, "fxprop.step[x2]": 2, "fxprop.step": 2}
+    _use(unet_runtime, [0, 3], max_batch=1)  # 1 step per call: the sequential parts
+    assert _calls(unet_runtime) == {"fxprop.full": 2, "fxprop.step": 4}
+
+
+@pytest.mark.parametrize("how", ["replaced", "in-place"])
+def test_conditioning_changed_mid_segment_is_computed_on_the_frontier(unet_runtime, how):
+    def edit(step, embeds):
+        if step != 1:
+            return embeds
+        return embeds + 1 if how == "replaced" else embeds.add_(1)
+
+    _use(unet_runtime, [0, 4])
+    parallel = unet_runtime.policy
+    unet_runtime.policy = dataclasses.replace(parallel, parallel=False)
+    reference = _loop(unet_runtime, 2, edit)
+    unet_runtime.policy = parallel
+    candidate, calls = _profiled(lambda: _loop(unet_runtime, 2, edit))
+    assert (candidate - reference).abs().max().item() <= TOLERANCE
+    # steps 1-3 were computed alone on the frontier, with the new conditioning
+    assert calls == {"fxprop.key": 2, "fxprop.step[x4]": 1, "fxprop.step": 3,
+                     "fxprop.step[x2]": 1}
+    assert (candidate[1] - _loop(unet_runtime, 2)[1]).abs().max().item() > 1e-3
+
+
+def test_with_policy_shares_the_captured_graphs(unet_runtime):
+    call = flatten_call(unet_runtime.unet.forward, (torch.randn(2, 4, 8, 8), TIMESTEPS[0]),
+                        {"encoder_hidden_states": torch.randn(2, 5, 32)})
+    other = unet_runtime.with_policy(fxprop.EncoderPropagation(key_steps=2))
+    assert other.parts_for(call) is unet_runtime.parts_for(call)
+
+
+def test_unplanned_timestep_mid_segment_runs_the_whole_unet_and_warns(unet_runtime):
+    _use(unet_runtime, [0])
+    unet_runtime.set_timesteps(TIMESTEPS)
+    x, e = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        unet_runtime(x, TIMESTEPS[0], encoder_hidden_states=e)
+        with pytest.warns(UserWarning, match="fxprop: UNet call 1 does not match the plan"):
+            out = unet_runtime(x, torch.tensor(5), encoder_hidden_states=e).sample
+        plain = unet_runtime.unet(x, torch.tensor(5), encoder_hidden_states=e).sample
+    assert torch.equal(out, plain)

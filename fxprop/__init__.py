@@ -1,6 +1,7 @@
 """fxprop: training-free acceleration of diffusion UNets as torch.fx graph transformations."""
 
 from .api import accelerate, restore
+from .compile import CompileOptions
 from .config import DeepCache, EncoderPropagation
 from .plan import Plan, Segment, make_plan
 from .runtime import AcceleratedUNet
@@ -9,5 +10,5 @@ from .schedules import (PRESETS, deepcache_nonuniform, every, faster_diffusion,
 
 __all__ = ["accelerate", "restore", "AcceleratedUNet", "EncoderPropagation", "DeepCache", "Plan",
            "Segment", "make_plan", "PRESETS", "every", "faster_diffusion", "deepcache_nonuniform",
-           "key_step_schedule"]
+           "key_step_schedule", "CompileOptions"]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from .compile import compile_options
 from .config import make_policy
 from .pipelines import accelerate_pipeline, is_pipeline, restore_pipeline
 from .runtime import AcceleratedUNet
@@ -15,7 +16,7 @@ __all__ = ["accelerate", "restore"]
 
 def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
                prior_noise: float | None = None, parallel: bool | None = None,
-               max_batch: int | None = None, **options: Any) -> Any:
+               max_batch: int | None = None, compile: Any = False, **options: Any) -> Any:
     """Make a UNet or a diffusers pipeline reuse features across sampling steps.
 
     Args:
@@ -30,6 +31,10 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
         prior_noise: weight of prior noise injection (``None``: the policy's default, 0.003 for
             ``"encoder"``, 0 for ``"deep"``).
         parallel, max_batch: parallel mode of encoder propagation.
+        compile: ``True``, a dict of ``torch.compile`` options (``backend``, ``mode``,
+            ``dynamic``, ``options``) or :class:`~fxprop.CompileOptions`: compile every part
+            with ``torch.compile(fullgraph=True)`` when it is first captured (once per input
+            signature; later generations reuse it).
         options: further policy fields, e.g. ``branch=`` for ``reuse="deep"`` (DeepCache's
             ``cache_branch_id``).
 
@@ -39,12 +44,14 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
     """
     policy = make_policy(reuse, key_steps=key_steps, prior_noise=prior_noise,
                          parallel=parallel, max_batch=max_batch, **options)
+    compile_options(compile)  # validate before touching the target
     if is_pipeline(target):
-        return accelerate_pipeline(target, policy, explicit_prior_noise=prior_noise is not None)
+        return accelerate_pipeline(target, policy, explicit_prior_noise=prior_noise is not None,
+                                   compile=compile)
     if isinstance(target, AcceleratedUNet):
         target = target.unet
     if isinstance(target, nn.Module):
-        return AcceleratedUNet(target, policy)
+        return AcceleratedUNet(target, policy, compile=compile)
     raise TypeError(f"fxprop.accelerate takes a UNet (nn.Module) or a diffusers pipeline "
                     f"with a .unet, got {type(target).__name__}")
 

@@ -171,13 +171,14 @@ def _resolve_prior_noise(cls: type, policy: Policy, explicit: bool) -> float:
     return 0.0
 
 
-def accelerate_pipeline(pipe: Any, policy: Policy, explicit_prior_noise: bool) -> Any:
+def accelerate_pipeline(pipe: Any, policy: Policy, explicit_prior_noise: bool,
+                        compile: Any = None) -> Any:
     """Install fxprop on ``pipe`` in place (re-planning cleanly if it was already)."""
     if _ATTR in pipe.__dict__:
         restore_pipeline(pipe)
     cls = type(pipe)
     prior_noise = _resolve_prior_noise(cls, policy, explicit_prior_noise)
-    runtime = AcceleratedUNet(pipe.unet, policy)
+    runtime = AcceleratedUNet(pipe.unet, policy, compile=compile)
     adapter = PipelineAdapter(pipe, runtime, cls, pipe.unet, prior_noise)
     runtime._source = adapter.timesteps
     methods = {"__call__": _call}

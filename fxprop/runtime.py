@@ -20,6 +20,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .capture import CallKey, Captured, FlatCall, capture, flatten_call
+from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
 from .parallel import (Chunk, Inputs, batched_inputs, check_batched, chunk_at, repeat_batch,
                        repeated_call, steps_per_call, timestep_vector)
@@ -52,10 +53,12 @@ class AcceleratedUNet(nn.Module):
     """Drop-in replacement of a UNet that reuses features across steps by a plan."""
 
     def __init__(self, unet: nn.Module, policy: Policy,
-                 timestep_source: TimestepSource | None = None) -> None:
+                 timestep_source: TimestepSource | None = None,
+                 compile: bool | dict | CompileOptions | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.policy = policy
+        self.compile_options = compile_options(compile)
         self.layout = resolve_layout(unet, getattr(policy, "regions", None))
         policy.validate(unet)
         self._source = timestep_source
@@ -96,7 +99,7 @@ class AcceleratedUNet(nn.Module):
     def with_policy(self, policy: Policy) -> "AcceleratedUNet":
         """A runtime of the same UNet with ``policy``; it shares this one's captured graphs
         when both cut alike, so re-planning costs no new capture."""
-        other = AcceleratedUNet(self.unet, policy, self._source)
+        other = AcceleratedUNet(self.unet, policy, self._source, self.compile_options)
         if policy.cut is self.policy.cut:
             other._captured, other._batched = self._captured, self._batched
         return other
@@ -146,11 +149,12 @@ class AcceleratedUNet(nn.Module):
     # -- calls ---------------------------------------------------------------------------------
 
     def parts_for(self, call: FlatCall) -> tuple[Captured, Parts]:
-        """Captured graph and parts for this call's signature, captured on first use."""
+        """Captured graph and parts for this call's signature, captured (and, with
+        ``compile=``, wrapped by ``torch.compile``) on first use."""
         if call.key not in self._captured:
             captured = capture(self.unet, call)
-            self._captured[call.key] = captured, split(captured,
-                                                       self.policy.cut(captured, self.layout))
+            parts = split(captured, self.policy.cut(captured, self.layout))
+            self._captured[call.key] = captured, compile_parts(parts, self.compile_options)
         return self._captured[call.key]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,68 @@
+"""Compile the parts of a cut with ``torch.compile(fullgraph=True)``.
+
+Compile the step functions, not the model (gpt-fast): each part is a static, flat aten graph
+chosen by a plan made before the loop, so it compiles whole, with no graph break, once per
+input signature. Parts are compiled when they are first captured and kept with them, so a
+second generation of the same shapes compiles nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .split import Parts
+
+__all__ = ["CompileOptions", "compile_options", "compile_parts"]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Options passed through to ``torch.compile`` for every part.
+
+    Attributes:
+        backend: ``"inductor"`` (default) or any torch.compile backend.
+        mode: e.g. ``"max-autotune"``, ``"reduce-overhead"`` (CUDA graphs on GPU).
+        dynamic: ``False`` by default: parts have static shapes, one compile per shape.
+        options: inductor options dict.
+    """
+
+    backend: str = "inductor"
+    mode: str | None = None
+    dynamic: bool | None = False
+    options: dict | None = None
+
+
+def compile_options(value: Any) -> CompileOptions | None:
+    """``compile=`` of :func:`fxprop.accelerate`: False/None, True, a dict or CompileOptions."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return CompileOptions()
+    if isinstance(value, CompileOptions):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(CompileOptions)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"compile options {unknown} are unknown; known: {sorted(known)}")
+        return CompileOptions(**value)
+    raise TypeError(f"compile must be a bool, a dict of torch.compile options or "
+                    f"CompileOptions, got {type(value).__name__}")
+
+
+def _compile(module: torch.nn.Module, options: CompileOptions) -> Any:
+    return torch.compile(module, fullgraph=True, backend=options.backend, mode=options.mode,
+                         dynamic=options.dynamic, options=options.options)
+
+
+def compile_parts(parts: Parts, options: CompileOptions | None) -> Parts:
+    """The same parts, each wrapped by ``torch.compile`` (compiled lazily at first call)."""
+    if options is None:
+        return parts
+    return dataclasses.replace(parts, full=_compile(parts.full, options),
+                               key=_compile(parts.key, options),
+                               step=_compile(parts.step, options))

@@ -10,9 +10,7 @@ call that does not match the plan runs the whole UNet, which is always correct, 
 from __future__ import annotations
 
 import inspect
-import warnings
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -22,51 +20,31 @@ from torch.profiler import record_function
 from .capture import CallKey, Captured, FlatCall, capture, flatten_call
 from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
+from .follow import PlanFollower, TimestepSource, Generation
 from .parallel import (Chunk, Inputs, batched_inputs, check_batched, chunk_at, repeat_batch,
                        repeated_call, steps_per_call, timestep_vector)
-from .plan import Plan, make_plan
 from .regions import resolve_layout
+from .schedules import Schedule
 from .split import Parts, split
 
 __all__ = ["AcceleratedUNet", "TimestepSource"]
 
-#: () -> (timesteps tensor or None, begin index or None, num_train_timesteps or None)
-TimestepSource = Callable[[], tuple[Any, Any, Any]]
 
-
-@dataclass
-class _Generation:
-    """Cross-step state of one generation; dropped whole when a new one starts."""
-
-    plan: Plan
-    source: Any                     # the timesteps tensor planned from (compared by identity)
-    begin: int = 0                  # index of step 0 in ``source``
-    step: int = 0                   # the next step to run
-    frontier: tuple | None = None
-    frontier_key: CallKey | None = None
-    off_plan: bool = False
-    chunk: Chunk | None = None      # parallel mode: outputs of the current chunk of steps
-    timesteps: torch.Tensor | None = None  # parallel mode: the plan's, on the call's device
-
-
-class AcceleratedUNet(nn.Module):
+class AcceleratedUNet(PlanFollower):
     """Drop-in replacement of a UNet that reuses features across steps by a plan."""
 
     def __init__(self, unet: nn.Module, policy: Policy,
                  timestep_source: TimestepSource | None = None,
                  compile: bool | dict | CompileOptions | None = None) -> None:
-        super().__init__()
+        super().__init__(timestep_source)
         self.unet = unet
         self.policy = policy
         self.compile_options = compile_options(compile)
         self.layout = resolve_layout(unet, getattr(policy, "regions", None))
         policy.validate(unet)
-        self._source = timestep_source
         self._captured: dict[CallKey, tuple[Captured, Parts]] = {}
         self._batched: dict[tuple[CallKey, int], Parts] = {}
         self._timestep_name = list(inspect.signature(unet.forward).parameters)[1]
-        self._generation: _Generation | None = None
-        self._warned = False
 
     def __getattr__(self, name: str) -> Any:
         # Pipelines read ``unet.config``, ``unet.dtype``, ``unet.add_embedding`` ...
@@ -78,24 +56,6 @@ class AcceleratedUNet(nn.Module):
                 raise
             return getattr(modules["unet"], name)
 
-    # -- generations ---------------------------------------------------------------------------
-
-    @property
-    def plan(self) -> Plan | None:
-        return None if self._generation is None else self._generation.plan
-
-    @property
-    def step(self) -> int:
-        """The index of the next UNet call in the current generation."""
-        return 0 if self._generation is None else self._generation.step
-
-    def set_timesteps(self, timesteps: torch.Tensor, num_train_timesteps: int | None = None,
-                      begin: int = 0) -> Plan:
-        """Start a generation over ``timesteps[begin:]``; returns its plan."""
-        plan = make_plan(timesteps[begin:], self.policy.schedule, num_train_timesteps)
-        self._generation = _Generation(plan, timesteps, begin)
-        return plan
-
     def with_policy(self, policy: Policy) -> "AcceleratedUNet":
         """A runtime of the same UNet with ``policy``; it shares this one's captured graphs
         when both cut alike, so re-planning costs no new capture."""
@@ -104,47 +64,9 @@ class AcceleratedUNet(nn.Module):
             other._captured, other._batched = self._captured, self._batched
         return other
 
-    def reset(self) -> None:
-        """Forget the current generation (plan and cached frontier)."""
-        self._generation = None
-
-    def _sync(self, timestep: Any) -> None:
-        """Start a new generation if the timestep source was set anew since the last plan."""
-        if self._source is None:
-            return
-        timesteps, begin, horizon = self._source()
-        if timesteps is None or (self._generation and self._generation.source is timesteps):
-            return
-        if begin is None:
-            begin = _first_index(timesteps, timestep)
-        self.set_timesteps(timesteps, horizon, begin)
-
-    def _warn(self, reason: str) -> None:
-        if not self._warned:
-            self._warned = True
-            warnings.warn(f"fxprop: {reason}; running the whole UNet for the rest of this "
-                          "generation (correct, not accelerated)", stacklevel=3)
-
-    def _on_plan(self, timestep: Any) -> _Generation | None:
-        """The current generation if the next call matches its plan, else None (and warn)."""
-        self._sync(timestep)
-        gen = self._generation
-        if gen is None:
-            self._warn("no plan: call set_timesteps(...) before the loop")
-            return None
-        if gen.off_plan:
-            return None
-        if gen.step >= len(gen.plan) or not _matches(timestep, gen, gen.begin + gen.step):
-            gen.off_plan, gen.frontier, gen.chunk = True, None, None
-            self._warn(f"UNet call {gen.step} does not match the plan of {len(gen.plan)} "
-                       "steps (unexpected timestep or call order)")
-            return None
-        return gen
-
-    def next_is_key(self, timestep: Any) -> bool:
-        """Whether the next call with ``timestep`` computes the cut part (used by adapters)."""
-        gen = self._on_plan(timestep)
-        return gen is None or gen.plan.is_key[gen.step]
+    @property
+    def schedule(self) -> Schedule:
+        return self.policy.schedule
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -174,7 +96,7 @@ class AcceleratedUNet(nn.Module):
             out = self._reuse_step(gen, step, call, parts)
         return pytree.tree_unflatten(list(out), captured.out_spec)
 
-    def _key_step(self, gen: _Generation, step: int, call: FlatCall, parts: Parts) -> tuple:
+    def _key_step(self, gen: Generation, step: int, call: FlatCall, parts: Parts) -> tuple:
         """Compute the frontier, and the output of this step (of its chunk in parallel mode)."""
         gen.frontier_key, gen.chunk = call.key, None
         steps = self._chunk(gen, step, call)
@@ -187,7 +109,7 @@ class AcceleratedUNet(nn.Module):
             gen.frontier = parts.key(*[call.tensors[i] for i in parts.key_inputs])
         return self._run_chunk(gen, steps, call, parts)
 
-    def _reuse_step(self, gen: _Generation, step: int, call: FlatCall, parts: Parts) -> tuple:
+    def _reuse_step(self, gen: Generation, step: int, call: FlatCall, parts: Parts) -> tuple:
         """The output of a non-key step from the cached frontier."""
         if gen.chunk is not None and step in gen.chunk.steps and gen.chunk.inputs.same_as(call):
             return gen.chunk.take(step)
@@ -201,7 +123,7 @@ class AcceleratedUNet(nn.Module):
 
     # -- parallel mode -------------------------------------------------------------------------
 
-    def _chunk(self, gen: _Generation, step: int, call: FlatCall) -> range | None:
+    def _chunk(self, gen: Generation, step: int, call: FlatCall) -> range | None:
         """In parallel mode, the steps computed in one call from ``step`` if a chunk starts
         there; else None."""
         if not getattr(self.policy, "parallel", False):
@@ -210,7 +132,7 @@ class AcceleratedUNet(nn.Module):
         per_call = steps_per_call(getattr(self.policy, "max_batch", None), _batch(call), segment)
         return chunk_at(segment, step, per_call)
 
-    def _run_chunk(self, gen: _Generation, steps: range, call: FlatCall, parts: Parts) -> tuple:
+    def _run_chunk(self, gen: Generation, steps: range, call: FlatCall, parts: Parts) -> tuple:
         """Run the every-step part once for ``steps`` and keep the outputs; return the first."""
         batch, times, t_index = _batch(call), len(steps), self._timestep_index(call)
         if gen.timesteps is None:  # one host-to-device copy per generation
@@ -246,39 +168,3 @@ class AcceleratedUNet(nn.Module):
 
 def _batch(call: FlatCall) -> int:
     return call.tensors[0].shape[0]
-
-
-def _timestep_float(timestep: Any) -> float:
-    t = torch.as_tensor(timestep).flatten()
-    return float(t[0])
-
-
-def _view_index(timestep: Any, source: Any) -> int | None:
-    """Index of ``timestep`` in ``source`` if it is a 0-d view of it (host metadata only)."""
-    if (isinstance(timestep, torch.Tensor) and isinstance(source, torch.Tensor)
-            and timestep.ndim == 0 and timestep._base is source and source.is_contiguous()
-            and source.ndim == 1):
-        return timestep.storage_offset() - source.storage_offset()
-    return None
-
-
-def _matches(timestep: Any, gen: _Generation, index: int) -> bool:
-    """Whether ``timestep`` is entry ``index`` of the planned timesteps.
-
-    A pipeline iterating ``scheduler.timesteps`` passes views of it; their storage offset is
-    host metadata, so matching them costs no device sync. Other values are compared by value.
-    """
-    view = _view_index(timestep, gen.source)
-    if view is not None:
-        return view == index
-    return _timestep_float(timestep) == gen.plan.timesteps[index - gen.begin]
-
-
-def _first_index(timesteps: torch.Tensor, timestep: Any) -> int:
-    """Where a generation that starts at ``timestep`` begins in ``timesteps`` (once per run)."""
-    view = _view_index(timestep, timesteps)
-    if view is not None:
-        return view
-    values = torch.as_tensor(timesteps).flatten().tolist()
-    first = _timestep_float(timestep)
-    return next((i for i, v in enumerate(values) if float(v) == first), 0)

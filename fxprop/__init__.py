@@ -3,6 +3,7 @@
 from .api import accelerate, restore
 from .compile import CompileOptions
 from .config import DeepCache, EncoderPropagation
+from .export import LoadedUNet, export, load
 from .plan import Plan, Segment, make_plan
 from .runtime import AcceleratedUNet
 from .schedules import (PRESETS, deepcache_nonuniform, every, faster_diffusion,
@@ -10,5 +11,6 @@ from .schedules import (PRESETS, deepcache_nonuniform, every, faster_diffusion,
 
 __all__ = ["accelerate", "restore", "AcceleratedUNet", "EncoderPropagation", "DeepCache", "Plan",
            "Segment", "make_plan", "PRESETS", "every", "faster_diffusion", "deepcache_nonuniform",
-           "key_step_schedule", "CompileOptions"]
+           "key_step_schedule", "CompileOptions", "export", "load",
+           "LoadedUNet"]
 __version__ = "0.1.0"

@@ -1,0 +1,20 @@
+"""A tiny shipped diffusion model for demos, tests and benchmarks.
+
+`fxprop/demo/digits/` holds a class-conditional pixel-space UNet trained on
+scikit-learn's 8x8 handwritten digits (upsampled to 16x16), in diffusers
+format, plus a small digit classifier used to score samples. It lets the
+accelerator be exercised end to end on a CPU, offline, in seconds.
+"""
+
+from pathlib import Path
+
+DIGITS_DIR = Path(__file__).resolve().parent / "digits"
+
+__all__ = ["DIGITS_DIR", "load_digits_pipeline"]
+
+
+def load_digits_pipeline(path=None, **kwargs):
+    """Load the shipped `DigitsPipeline` (offline; `path` defaults to DIGITS_DIR)."""
+    from .pipeline import DigitsPipeline
+
+    return DigitsPipeline.from_pretrained(str(path or DIGITS_DIR), **kwargs)

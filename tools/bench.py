@@ -1,146 +1,187 @@
-"""Benchmark fxprop against plain sampling, side by side in one run (not a test).
+"""Benchmark fxprop against plain sampling and the DeepCache package, side by side (not a test).
 
-    python tools/bench.py                      # SD-1.5-architecture UNet at scale 0.25
-    python tools/bench.py --modes plain encoder every-key --repeats 5
+    python tools/bench.py                                  # SD-1.5-architecture UNet x0.25
+    python tools/bench.py --model tiny --modes plain encoder parallel
+    python tools/bench.py --compile                        # compiled plain vs compiled fxprop
+    python tools/bench.py --quality                        # policy sweep on the shipped model
 
-Builds a StableDiffusionPipeline around diffusers' SD-1.5 UNet config with every block width
-scaled by ``--scale`` (random weights, nothing downloads), samples a 32x32 latent with
-classifier-free guidance (UNet batch 2) for 50 DDIM steps, and prints per mode the median
-time, the speedup over plain, the FLOP-ideal speedup (FLOPs of key and non-key steps counted
-with ``torch.utils.flop_counter``) and their ratio, the efficiency.
+A StableDiffusionPipeline around a UNet with random weights (``--model sd15``: diffusers' SD-1.5
+UNet config with every block width scaled by ``--scale``; ``tiny``: the tests' UNet) samples a
+latent with classifier-free guidance (UNet batch 2) for 50 DDIM steps. Every mode is warmed up
+once (capture, compile), then the modes run interleaved, ``--repeats`` rounds, and the median is
+reported with: the speedup over plain; the FLOP-ideal speedup, plain FLOPs / the mode's FLOPs of
+one whole generation (``torch.utils.flop_counter``); their ratio, the efficiency; the time ratio
+to the reference DeepCache package at equal settings; the max abs difference of the final latent
+from plain's (and, for ``deepcache-N``, from fxprop's ``deep-N``).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
-from torch.utils.flop_counter import FlopCounterMode
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-import fxprop
-from fxprop.capture import flatten_call
+import fxprop  # noqa: E402
+from workloads import WORKLOADS, generation, pipeline, sd15_unet  # noqa: E402
 
-SD15_WIDTHS = (320, 640, 1280, 1280)
-TEXT_LEN, TEXT_DIM = 77, 768
 
-#: mode name -> accelerate() options (None: the plain pipeline)
-MODES: dict[str, dict | None] = {
-    "plain": None,
-    "encoder": dict(key_steps="faster-diffusion"),
-    "every-key": dict(key_steps=1, prior_noise=0),
+@dataclass(frozen=True)
+class Mode:
+    """``options`` for fxprop.accelerate (None: plain), or a DeepCache (interval, branch)."""
+
+    options: dict | None = None
+    deepcache: tuple[int, int] | None = None
+    compile: bool = False
+    compare_to: str = "plain"
+
+
+MODES: dict[str, Mode] = {
+    "plain": Mode(),
+    "every-key": Mode(dict(key_steps=1, prior_noise=0)),
+    "encoder": Mode(dict(key_steps="faster-diffusion")),
+    "parallel": Mode(dict(key_steps="faster-diffusion", parallel=True), compare_to="encoder"),
+    "deep-3": Mode(dict(reuse="deep", key_steps=3, branch=0)),
+    "deep-5": Mode(dict(reuse="deep", key_steps=5, branch=0)),
+    "deepcache-3": Mode(deepcache=(3, 0), compare_to="deep-3"),
+    "deepcache-5": Mode(deepcache=(5, 0), compare_to="deep-5"),
+}
+COMPILED_MODES: dict[str, Mode] = {
+    "plain": Mode(compile=True),
+    "encoder": Mode(dict(key_steps="faster-diffusion"), compile=True),
+    "deep-3": Mode(dict(reuse="deep", key_steps=3, branch=0), compile=True),
 }
 
 
-def sd15_unet(scale: float, seed: int = 0) -> UNet2DConditionModel:
-    """diffusers' SD-1.5 UNet config with block widths scaled by ``scale``."""
-    widths = tuple(max(8, int(w * scale)) for w in SD15_WIDTHS)
-    groups = max(g for g in range(1, 33) if all(w % g == 0 for w in widths))
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=widths, norm_num_groups=groups, attention_head_dim=8,
-        cross_attention_dim=TEXT_DIM,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
+@dataclass
+class Candidate:
+    """One mode's pipeline: ``run`` between ``enter`` and ``exit`` (DeepCache wraps modules)."""
+
+    run: Callable[[], torch.Tensor]
+    enter: Callable[[], None] = lambda: None
+    exit: Callable[[], None] = lambda: None
+    times: list[float] = field(default_factory=list)
+    first: float = 0.0
+    output: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        self.enter()
+        try:
+            return self.run()
+        finally:
+            self.exit()
 
 
-def sd15_pipeline(scale: float) -> StableDiffusionPipeline:
-    vae = AutoencoderKL(block_out_channels=(8,) * 4, norm_num_groups=8, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4)  # only its scale factor is used
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None,
-                                   unet=sd15_unet(scale), scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def candidate(unet: torch.nn.Module, workload: Any, mode: Mode, steps: int) -> Candidate:
+    pipe = pipeline(unet)
+    if mode.compile and mode.options is None:
+        pipe.unet = torch.compile(unet, fullgraph=True)
+    if mode.options is not None:
+        fxprop.accelerate(pipe, **mode.options, compile=mode.compile)
+    run = generation(pipe, workload, steps)
+    if mode.deepcache is None:
+        return Candidate(run)
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=mode.deepcache[0], cache_branch_id=mode.deepcache[1])
+    return Candidate(run, helper.enable, helper.disable)
 
 
-def generation(pipe: Any, steps: int) -> Callable[[], torch.Tensor]:
-    """One generation of a 32x32 latent with CFG, as a zero-argument function."""
-    g = torch.Generator().manual_seed(0)
-    embeds = {"prompt_embeds": torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g),
-              "negative_prompt_embeds": torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g)}
-    size = 8 * 32
-
-    def run() -> torch.Tensor:
-        return pipe(**embeds, height=size, width=size, num_inference_steps=steps,
-                    guidance_scale=7.5, output_type="latent",
-                    generator=torch.Generator().manual_seed(1)).images
-
-    return run
-
-
-def median_time(run: Callable[[], Any], repeats: int) -> float:
-    run()  # warm-up: capture, allocator, caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def flops(run: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def flop_ideal(pipe: Any, steps: int) -> float:
-    """Plain FLOPs / fxprop FLOPs for one generation, from the parts' op counts."""
-    runtime = pipe.unet
-    plan = fxprop.make_plan(list(range(steps)), runtime.policy.schedule)
-    latents = torch.zeros(2, 4, 32, 32)
-    text = torch.zeros(2, TEXT_LEN, TEXT_DIM)
-    call = flatten_call(runtime.unet.forward, (latents, torch.tensor(999), text),
-                        {"return_dict": False})
-    _, parts = runtime.parts_for(call)
-    full = _flops(lambda: parts.full(*call.tensors))
-    frontier = parts.key(*[call.tensors[i] for i in parts.key_inputs])
-    step = _flops(lambda: parts.step(*[call.tensors[i] for i in parts.step_inputs], *frontier))
-    keys = sum(plan.is_key)
-    return steps * full / (keys * full + (steps - keys) * step)
-
-
-def _flops(fn: Callable[[], Any]) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn()
     return counter.get_total_flops()
+
+
+def warm_up(candidates: dict[str, Candidate]) -> None:
+    """Run every candidate once (timed: it captures and compiles) and keep its output."""
+    for c in candidates.values():
+        start = time.perf_counter()
+        c.output = c()
+        c.first = time.perf_counter() - start
+
+
+def measure(candidates: dict[str, Candidate], repeats: int) -> None:
+    """Time the (warm) candidates interleaved, so that drifts of the machine hit all alike."""
+    for _ in range(repeats):
+        for c in candidates.values():
+            start = time.perf_counter()
+            c()
+            c.times.append(time.perf_counter() - start)
+
+
+def report(candidates: dict[str, Candidate], modes: dict[str, Mode], ideal: dict[str, float],
+           compiled: bool) -> None:
+    plain = statistics.median(candidates["plain"].times)
+    head = f"{'mode':<13}{'median s':>9}{'speedup':>9}{'FLOP-ideal':>11}{'effic.':>8}"
+    head += f"{'first s':>9}" if compiled else f"{'vs ref':>8}"
+    print(head + f"{'max|diff|':>11}  vs")
+    for name, c in candidates.items():
+        median, mode = statistics.median(c.times), modes[name]
+        line = f"{name:<13}{median:>9.3f}{plain / median:>9.2f}{ideal[name]:>11.2f}"
+        line += f"{plain / median / ideal[name]:>8.2f}"
+        if compiled:
+            line += f"{c.first:>9.1f}"
+        else:
+            ref = f"deepcache-{name.split('-')[1]}" if name.startswith("deep-") else None
+            ratio = (median / statistics.median(candidates[ref].times)
+                     if ref in candidates else None)
+            line += f"{ratio:>8.2f}" if ratio else f"{'':>8}"
+        other = candidates.get(mode.compare_to, candidates["plain"])
+        diff = (c.output - other.output).abs().max().item()
+        print(line + f"{diff:>11.2e}  {mode.compare_to}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=float, default=0.25)
+    parser.add_argument("--model", choices=list(WORKLOADS), default="sd15")
+    parser.add_argument("--scale", type=float, default=0.25, help="SD-1.5 width scale")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(min(os.cpu_count() or 1, 4))
-    pipe = sd15_pipeline(args.scale)
-    components = pipe.components
-    print(f"SD-1.5-architecture UNet x{args.scale}: "
-          f"{sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f}M params, "
-          f"{args.steps} DDIM steps, 32x32 latent, CFG batch 2, median of {args.repeats}")
-    rows, plain_time = [], None
-    for mode in ["plain"] + [m for m in args.modes if m != "plain"]:
-        options = MODES[mode]
-        candidate = type(pipe)(**components)
-        candidate.set_progress_bar_config(disable=True)
-        if options is not None:
-            fxprop.accelerate(candidate, **options)
-        seconds = median_time(generation(candidate, args.steps), args.repeats)
-        plain_time = plain_time or seconds
-        ideal = 1.0 if options is None else flop_ideal(candidate, args.steps)
-        rows.append((mode, seconds, plain_time / seconds, ideal))
-    print(f"{'mode':<12}{'time s':>9}{'speedup':>9}{'FLOP-ideal':>12}{'efficiency':>12}")
-    for mode, seconds, speedup, ideal in rows:
-        print(f"{mode:<12}{seconds:>9.3f}{speedup:>9.2f}{ideal:>12.2f}{speedup / ideal:>12.2f}")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--modes", nargs="+", default=None, help=f"of {list(MODES)}")
+    parser.add_argument("--compile", action="store_true", help="compiled modes (inductor)")
+    parser.add_argument("--quality", action="store_true", help="run tools/bench_quality.py")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args, rest = parser.parse_known_args(argv)
+    if args.quality:
+        import bench_quality
+
+        return bench_quality.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {rest}")
+    torch.set_num_threads(args.threads)
+    modes = COMPILED_MODES if args.compile else MODES
+    names = ["plain"] + [m for m in (args.modes or modes) if m != "plain"]
+    unknown = [m for m in names if m not in modes]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {list(modes)}")
+    workload = WORKLOADS[args.model]
+    unet = sd15_unet(args.scale) if args.model == "sd15" else workload.make_unet()
+    print(f"{workload.name} (scale {args.scale if args.model == 'sd15' else '-'}): "
+          f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params, {args.steps} DDIM "
+          f"steps, {workload.size}x{workload.size} latent, CFG batch 2, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}"
+          + (", compiled with inductor" if args.compile else ""))
+    candidates = {n: candidate(unet, workload, modes[n], args.steps) for n in names}
+    warm_up(candidates)
+    eager = candidates
+    if args.compile:  # count the FLOPs of the same modes run eagerly
+        eager = {n: candidate(unet, workload, MODES[n], args.steps) for n in names}
+        warm_up(eager)
+    counts = {n: flops(c) for n, c in eager.items()}
+    ideal = {n: counts["plain"] / counts[n] for n in names}
+    measure(candidates, args.repeats)
+    report(candidates, {n: modes[n] for n in names}, ideal, args.compile)
     return 0
 
 

@@ -171,10 +171,24 @@ def capture(unet: nn.Module, call: FlatCall) -> Captured:
             raise RuntimeError(
                 f"fxprop could not capture {type(unet).__name__} with torch.export: {err}"
             ) from err
+    if _mutates(exported.graph):
+        # In-place ops (e.g. FreeU's ``h[:, :n] *= b``) have no users, so cutting the graph by
+        # data dependencies would drop them: make the graph functional first.
+        with torch.no_grad():
+            exported = exported.run_decompositions({})
     unlifted = exported.module()
     graph = _plain_graph(unlifted.graph, call.names)
     return Captured(fx.GraphModule(_attributes(graph, flat, unlifted), graph),
                     list(call.names), exported.call_spec.out_spec)
+
+
+def _mutates(graph: fx.Graph) -> bool:
+    """Whether ``graph`` has an operator that writes into one of its arguments."""
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable:
+            return True
+    return False
 
 
 def _attributes(graph: fx.Graph, *owners: nn.Module) -> dict[str, Any]:

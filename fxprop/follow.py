@@ -4,7 +4,8 @@
 and by loaded exports (:class:`fxprop.export.LoadedUNet`): it starts a generation when the
 pipeline's scheduler sets its timesteps (or :meth:`~PlanFollower.set_timesteps` is called),
 checks that every call is the planned one, and otherwise marks the generation off-plan and
-warns once. It never reads a device value: planned timesteps are host numbers.
+warns once. Planned timesteps are host numbers; a pipeline's timestep (a view of the scheduler's
+timesteps) is matched by its storage offset, so the common path reads no device value.
 """
 
 from __future__ import annotations
@@ -71,12 +72,14 @@ class PlanFollower(nn.Module):
                       begin: int = 0) -> Plan:
         """Start a generation over ``timesteps[begin:]``; returns its plan."""
         plan = make_plan(timesteps[begin:], self.schedule, num_train_timesteps)
+        self._warned = False  # warn once per generation
         self._generation = Generation(plan, timesteps, begin)
         return plan
 
     def reset(self) -> None:
         """Forget the current generation (plan and cached frontier)."""
         self._generation = None
+        self._warned = False
 
     def _sync(self, timestep: Any) -> None:
         """Start a new generation if the timestep source was set anew since the last plan."""

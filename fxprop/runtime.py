@@ -54,15 +54,29 @@ class AcceleratedUNet(PlanFollower):
             modules = self.__dict__.get("_modules") or {}
             if "unet" not in modules:
                 raise
-            return getattr(modules["unet"], name)
+            value = getattr(modules["unet"], name)
+            if name in MUTATORS and callable(value):
+                return _clearing(value, self)
+            return value
 
     def with_policy(self, policy: Policy) -> "AcceleratedUNet":
         """A runtime of the same UNet with ``policy``; it shares this one's captured graphs
-        when both cut alike, so re-planning costs no new capture."""
+        when both cut alike (same reuse mode, branch and layout), so re-planning costs no new
+        capture."""
         other = AcceleratedUNet(self.unet, policy, self._source, self.compile_options)
-        if policy.cut is self.policy.cut:
+        same_cut = (type(policy) is type(self.policy) and other.layout == self.layout
+                    and getattr(policy, "branch", None) == getattr(self.policy, "branch", None))
+        if same_cut:
             other._captured, other._batched = self._captured, self._batched
         return other
+
+    def clear_cache(self) -> None:
+        """Drop every captured graph (and the generation). Needed after changing the UNet in a
+        way its graphs baked in (attention processors, FreeU, new LoRA scales); the methods
+        that do so are called through this module and clear it themselves (``MUTATORS``)."""
+        self._captured.clear()
+        self._batched.clear()
+        self.reset()
 
     @property
     def schedule(self) -> Schedule:
@@ -164,6 +178,25 @@ class AcceleratedUNet(PlanFollower):
     def _timestep_index(self, call: FlatCall) -> int:
         """Index of the timestep among the call's tensor leaves (the forward's 2nd argument)."""
         return call.names.index(self._timestep_name)
+
+
+#: UNet methods that change what a captured graph computes: called through the runtime, they
+#: drop its captures (the next call captures the changed UNet).
+MUTATORS = frozenset({
+    "load_lora_adapter", "load_attn_procs", "set_adapters", "set_adapter", "enable_adapters",
+    "disable_adapters", "delete_adapters", "fuse_lora", "unfuse_lora", "unload_lora",
+    "set_attn_processor", "set_default_attn_processor", "fuse_qkv_projections",
+    "unfuse_qkv_projections", "enable_freeu", "disable_freeu", "load_state_dict",
+})
+
+
+def _clearing(method: Any, runtime: "AcceleratedUNet") -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            runtime.clear_cache()
+    return call
 
 
 def _batch(call: FlatCall) -> int:

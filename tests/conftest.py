@@ -11,9 +11,9 @@ import torch
 from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMPipeline,
                        DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, PNDMScheduler,
-                       StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
-                       UNet2DModel, UniPCMultistepScheduler)
+                       StableDiffusionControlNetPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel,
+                       UniPCMultistepScheduler)
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they bring
 

@@ -91,3 +91,31 @@ def test_return_types_match_the_unet(unet):
         assert type(acc(x, 900, context)) is type(unet(x, 900, context))
         assert isinstance(acc(x, 800, context, return_dict=False), tuple)
     assert acc.config is unet.config and acc.dtype == unet.dtype
+
+
+def test_changing_the_unet_through_the_runtime_drops_its_stale_graphs():
+    """FreeU's factors are Python attributes baked into a captured graph: enabling it through
+    the runtime must recapture, not keep running the graph captured without it."""
+    unet = sd_unet(seed=3)
+    acc = fxprop.accelerate(unet, key_steps=1, prior_noise=0)
+    x, t, e = torch.randn(2, 4, 8, 8), torch.tensor(500), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        acc.set_timesteps(torch.tensor([500]))
+        before = acc(x, t, encoder_hidden_states=e).sample
+        acc.enable_freeu(s1=0.9, s2=0.2, b1=1.4, b2=1.6)
+        acc.set_timesteps(torch.tensor([500]))
+        after = acc(x, t, encoder_hidden_states=e).sample
+        expected = unet(x, t, encoder_hidden_states=e).sample
+    assert (after - expected).abs().max().item() <= 1e-5
+    assert (after - before).abs().max().item() > 1e-3
+
+
+def test_each_generation_warns_again_when_it_leaves_the_plan():
+    acc = fxprop.accelerate(sd_unet(), key_steps=2)
+    x, e = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        for _ in range(2):
+            acc.set_timesteps(torch.tensor([900, 500]))
+            acc(x, torch.tensor(900), encoder_hidden_states=e)
+            with pytest.warns(UserWarning, match="does not match the plan"):
+                acc(x, torch.tensor(7), encoder_hidden_states=e)

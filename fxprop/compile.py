@@ -43,15 +43,42 @@ def compile_options(value: Any) -> CompileOptions | None:
     if value is True:
         return CompileOptions()
     if isinstance(value, CompileOptions):
-        return value
+        return _checked(value)
     if isinstance(value, dict):
         known = {f.name for f in dataclasses.fields(CompileOptions)}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"compile options {unknown} are unknown; known: {sorted(known)}")
-        return CompileOptions(**value)
+        return _checked(CompileOptions(**value))
     raise TypeError(f"compile must be a bool, a dict of torch.compile options or "
                     f"CompileOptions, got {type(value).__name__}")
+
+
+#: Modes that record CUDA graphs: their replays overwrite earlier outputs, and fxprop keeps
+#: outputs across calls (the frontier, a chunk's predictions).
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+MODES = (None, "default", "max-autotune-no-cudagraphs", *CUDAGRAPH_MODES)
+
+
+def _checked(options: CompileOptions) -> CompileOptions:
+    """Reject what torch.compile would only reject inside the sampling loop."""
+    if options.mode not in MODES:
+        raise ValueError(f"compile mode {options.mode!r} is unknown; choose one of {MODES}")
+    if options.mode in CUDAGRAPH_MODES:
+        raise ValueError(f"compile mode {options.mode!r} records CUDA graphs, whose replays "
+                         "overwrite the features fxprop keeps across steps; use "
+                         "'max-autotune-no-cudagraphs' or 'default'")
+    if options.mode is not None and options.options:
+        raise ValueError("torch.compile takes either mode or options, not both; got "
+                         f"mode={options.mode!r} and options={options.options!r}")
+    if isinstance(options.backend, str):
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if options.backend not in backends:
+            raise ValueError(f"compile backend {options.backend!r} is unknown; choose one "
+                             f"of {backends}")
+    return options
 
 
 def _compile(module: torch.nn.Module, options: CompileOptions) -> Any:

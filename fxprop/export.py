@@ -55,6 +55,8 @@ def export(target: Any, path: str | Path, *args: Any, aoti: bool = False,
                     "step": torch.export.export(parts.step, step_args, strict=False)}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    for stale in [path / META_FILE, *path.glob("*.aoti.pt2")]:  # no half-old export loads
+        stale.unlink(missing_ok=True)
     for name, program in programs.items():
         torch.export.save(program, path / f"{name}.pt2")
         if aoti:
@@ -137,7 +139,8 @@ class LoadedUNet(PlanFollower):
         sample = arguments.get(sample_name)
         if not isinstance(sample, torch.Tensor) or timestep is None:
             raise TypeError(f"the call needs {sample_name} (a tensor) and {timestep_name}")
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        dtype = getattr(torch, self.meta["dtypes"][self.meta["input_names"].index(timestep_name)])
+        t = torch.as_tensor(timestep, device=sample.device).to(dtype).reshape(-1)
         arguments[timestep_name] = t.expand(sample.shape[0]) if t.numel() == 1 else t
         leaves, _ = pytree.tree_flatten_with_path(arguments)
         given = {_path_name(p): x for p, x in leaves if isinstance(x, torch.Tensor)}
@@ -145,10 +148,11 @@ class LoadedUNet(PlanFollower):
         if set(given) != set(names):
             raise TypeError(f"the export takes the tensors {names}; got {sorted(given)}")
         tensors = [given[n] for n in names]
-        for name, x, shape in zip(names, tensors, self.meta["shapes"]):
-            if list(x.shape) != shape:
-                raise ValueError(f"{name} has shape {list(x.shape)}; the export was made for "
-                                 f"{shape} (export again for other shapes)")
+        for name, x, shape, dtype in zip(names, tensors, self.meta["shapes"],
+                                         self.meta["dtypes"]):
+            if list(x.shape) != shape or x.dtype != getattr(torch, dtype):
+                raise ValueError(f"{name} is {list(x.shape)} {x.dtype}; the export was made "
+                                 f"for {shape} torch.{dtype} (export again for other inputs)")
         return tensors, timestep
 
 

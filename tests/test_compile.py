@@ -77,7 +77,9 @@ def test_inductor_generation_equals_eager(unet):
 
 @pytest.mark.parametrize("value, error", [
     ({"fullgraph": False}, ValueError), ({"mode": "fast", "bogus": 1}, ValueError),
-    ("yes", TypeError),
+    ({"mode": "fast"}, ValueError), ({"mode": "reduce-overhead"}, ValueError),
+    ({"backend": "inductr"}, ValueError),
+    ({"mode": "default", "options": {"freezing": True}}, ValueError), ("yes", TypeError),
 ])
 def test_bad_compile_options_are_rejected_at_accelerate(unet, value, error):
     with pytest.raises(error, match="compile"):

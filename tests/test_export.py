@@ -98,7 +98,9 @@ def test_bad_exports_and_calls_are_explained(tmp_path):
                   **kwargs)
     loaded = fxprop.load(tmp_path)
     loaded.set_timesteps(TIMESTEPS)
-    with pytest.raises(ValueError, match=r"sample has shape \[1, 4, 8, 8\].*\[2, 4, 8, 8\]"):
+    assert loaded.meta["dtypes"][1] == "int64"  # a Python float timestep is converted
+    assert loaded(latents[0], 999.0, encoder_hidden_states=kwargs["encoder_hidden_states"])[0].shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"sample is \[1, 4, 8, 8\].*\[2, 4, 8, 8\]"):
         loaded(latents[0][:1], TIMESTEPS[0], encoder_hidden_states=kwargs["encoder_hidden_states"][:1])
     with pytest.raises(TypeError, match="takes the tensors"):
         loaded(latents[0], TIMESTEPS[0])

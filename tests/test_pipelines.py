@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
@@ -42,13 +44,16 @@ def _run(pipe, kwargs, scheduler=None, seed=0):
     return out.images
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=[(case, reuse) for case in sorted(CASES)
+                                        for reuse in ("encoder", "deep")],
+                ids=lambda p: "-".join(p))
 def pair(request):
     """A plain pipeline and an accelerated one sharing the same components."""
-    factory, kwargs = CASES[request.param]
+    case, reuse = request.param
+    factory, kwargs = CASES[case]
     plain = factory()
     accelerated = type(plain)(**plain.components)
-    fxprop.accelerate(accelerated, key_steps=1, prior_noise=0)
+    fxprop.accelerate(accelerated, key_steps=1, prior_noise=0, reuse=reuse)
     return plain, accelerated, kwargs
 
 
@@ -72,3 +77,18 @@ def test_ddpm_pipeline_every_step_key_equals_plain(scheduler):
     outs = [p(batch_size=2, num_inference_steps=STEPS, output_type="np",
               generator=torch.Generator().manual_seed(0)).images for p in (plain, accelerated)]
     assert abs(outs[0] - outs[1]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpm++", "heun"])
+def test_sparse_key_steps_follow_the_plan(pair, scheduler):
+    """Sparse key steps run without falling back to the whole UNet (a fallback warning is an
+    error in this suite) and really reuse features."""
+    plain, accelerated, kwargs = pair
+    every_key = accelerated.unet.policy
+    accelerated.unet.policy = dataclasses.replace(every_key, key_steps=[0, 2, 3])
+    try:
+        candidate = _run(accelerated, kwargs(), scheduler)
+    finally:
+        accelerated.unet.policy = every_key
+    assert torch.isfinite(candidate).all()
+    assert (candidate - _run(plain, kwargs(), scheduler)).abs().max().item() > 1e-4

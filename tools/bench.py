@@ -81,12 +81,14 @@ class Candidate:
             self.exit()
 
 
-def candidate(unet: torch.nn.Module, workload: Any, mode: Mode, steps: int) -> Candidate:
+def candidate(unet: torch.nn.Module, workload: Any, mode: Mode, steps: int,
+              inductor: dict | None = None) -> Candidate:
     pipe = pipeline(unet)
     if mode.compile and mode.options is None:
-        pipe.unet = torch.compile(unet, fullgraph=True)
+        pipe.unet = torch.compile(unet, fullgraph=True, options=inductor)
     if mode.options is not None:
-        fxprop.accelerate(pipe, **mode.options, compile=mode.compile)
+        compile = {"options": inductor} if mode.compile else False
+        fxprop.accelerate(pipe, **mode.options, compile=compile)
     run = generation(pipe, workload, steps)
     if mode.deepcache is None:
         return Candidate(run)
@@ -150,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=None, help=f"of {list(MODES)}")
     parser.add_argument("--compile", action="store_true", help="compiled modes (inductor)")
+    parser.add_argument("--freeze", action="store_true", help="with --compile: inductor's "
+                        "freezing (weights as constants, prepacked; the usual CPU inference setting)")
     parser.add_argument("--quality", action="store_true", help="run tools/bench_quality.py")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args, rest = parser.parse_known_args(argv)
@@ -171,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params, {args.steps} DDIM "
           f"steps, {workload.size}x{workload.size} latent, CFG batch 2, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}"
-          + (", compiled with inductor" if args.compile else ""))
-    candidates = {n: candidate(unet, workload, modes[n], args.steps) for n in names}
+          + (", compiled with inductor" if args.compile else "")
+          + (" (freezing)" if args.freeze else ""))
+    inductor = {"freezing": True} if args.freeze else None
+    candidates = {n: candidate(unet, workload, modes[n], args.steps, inductor) for n in names}
     warm_up(candidates)
     eager = candidates
     if args.compile:  # count the FLOPs of the same modes run eagerly

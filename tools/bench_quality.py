@@ -123,10 +123,11 @@ def plot(rows: list[Row], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    styles = {"plain": ("*", "black"), "encoder": ("o", "tab:blue"), "deep": ("s", "tab:orange")}
     for row in rows:
         kind = row.name.split()[0]
-        marker = {"plain": "*", "encoder": "o", "deep": "s"}[kind]
-        ax.scatter(row.metrics["speedup"], row.metrics["fd"], marker=marker, s=60,
+        marker, color = styles[kind]
+        ax.scatter(row.metrics["speedup"], row.metrics["fd"], marker=marker, color=color, s=60,
                    label=kind if kind not in ax.get_legend_handles_labels()[1] else None)
         ax.annotate(row.name, (row.metrics["speedup"], row.metrics["fd"]), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")

@@ -29,7 +29,8 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
             :class:`~fxprop.EncoderPropagation`) or ``"deep"`` (deep-feature caching, DeepCache;
             see :class:`~fxprop.DeepCache`).
         prior_noise: weight of prior noise injection (``None``: the policy's default, 0.003 for
-            ``"encoder"``, 0 for ``"deep"``).
+            ``"encoder"``, 0 for ``"deep"``). Pipelines apply it; for a bare UNet it is part of
+            the plan (``plan.inject``) and your loop adds it.
         parallel, max_batch: parallel mode of encoder propagation.
         compile: ``True``, a dict of ``torch.compile`` options (``backend``, ``mode``,
             ``dynamic``, ``options``) or :class:`~fxprop.CompileOptions`: compile every part

@@ -17,4 +17,5 @@ def load_digits_pipeline(path=None, **kwargs):
     """Load the shipped `DigitsPipeline` (offline; `path` defaults to DIGITS_DIR)."""
     from .pipeline import DigitsPipeline
 
+    kwargs.setdefault("low_cpu_mem_usage", False)  # a 7 MB model: no need for `accelerate`
     return DigitsPipeline.from_pretrained(str(path or DIGITS_DIR), **kwargs)

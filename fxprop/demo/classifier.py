@@ -63,7 +63,8 @@ def to_model_range(images) -> torch.Tensor:
 
 def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     """Load the shipped classifier (in eval mode) from `<path>/classifier`."""
-    model = DigitClassifier.from_pretrained(str(path or DIGITS_DIR), subfolder=CLASSIFIER_SUBFOLDER)
+    model = DigitClassifier.from_pretrained(str(path or DIGITS_DIR), subfolder=CLASSIFIER_SUBFOLDER,
+                                            low_cpu_mem_usage=False)
     return model.eval()
 
 

@@ -138,12 +138,18 @@ def _matches(timestep: Any, gen: Generation, index: int) -> bool:
     """Whether ``timestep`` is entry ``index`` of the planned timesteps.
 
     A pipeline iterating ``scheduler.timesteps`` passes views of it; their storage offset is
-    host metadata, so matching them costs no device sync. Other values are compared by value.
+    host metadata, so matching them costs no device sync. Other values are compared by value,
+    after rounding the planned one to the call's dtype (a loop may pass ``t.to(torch.float16)``).
     """
     view = _view_index(timestep, gen.source)
     if view is not None:
         return view == index
-    return _timestep_float(timestep) == gen.plan.timesteps[index - gen.begin]
+    value, planned = _timestep_float(timestep), gen.plan.timesteps[index - gen.begin]
+    if value == planned:
+        return True
+    if isinstance(timestep, torch.Tensor) and timestep.dtype.is_floating_point:
+        return float(torch.tensor(planned).to(timestep.dtype)) == value
+    return False
 
 
 def _first_index(timesteps: torch.Tensor, timestep: Any) -> int:

@@ -98,8 +98,8 @@ class AcceleratedUNet(PlanFollower):
         gen = self._on_plan(call.timestep)
         if gen is None:
             return self.unet(*args, **kwargs)
+        captured, parts = self.parts_for(call)  # may raise: then the step is not consumed
         step, gen.step = gen.step, gen.step + 1
-        captured, parts = self.parts_for(call)
         if gen.plan.is_key[step]:
             out = self._key_step(gen, step, call, parts)
         elif gen.frontier is None or gen.frontier_key != call.key:

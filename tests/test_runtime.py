@@ -119,3 +119,15 @@ def test_each_generation_warns_again_when_it_leaves_the_plan():
             acc(x, torch.tensor(900), encoder_hidden_states=e)
             with pytest.warns(UserWarning, match="does not match the plan"):
                 acc(x, torch.tensor(7), encoder_hidden_states=e)
+
+
+def test_timesteps_cast_to_a_lower_precision_still_follow_the_plan():
+    """A loop passing ``t.to(torch.bfloat16)`` (999 -> 1000) matches its planned step."""
+    acc = fxprop.accelerate(sd_unet(), key_steps=[0], prior_noise=0)
+    timesteps = torch.tensor([999.0, 500.5])
+    x, e = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
+    acc.set_timesteps(timesteps)
+    with torch.no_grad():  # an off-plan warning would be an error in this suite
+        for t in timesteps:
+            acc(x, t.to(torch.bfloat16), encoder_hidden_states=e)
+    assert acc.step == 2 and not acc._generation.off_plan

@@ -42,6 +42,8 @@ def psnr(images: Any, reference: Any) -> float:
 
 def run_policies(per_digit: int, steps: int, seed: int) -> list[dict]:
     """Generate ``per_digit`` samples of every digit under every policy; score them."""
+    from tqdm.auto import tqdm
+
     import fxprop
     from fxprop.demo import load_digits_pipeline
     from fxprop.demo.classifier import classify, load_classifier, to_model_range
@@ -51,8 +53,6 @@ def run_policies(per_digit: int, steps: int, seed: int) -> list[dict]:
     classifier = load_classifier()
     labels = [d for d in range(10) for _ in range(per_digit)]
     rows, reference = [], None
-    from tqdm.auto import tqdm
-
     for name, options in tqdm(POLICIES, desc="policies", leave=False):
         pipe = type(base)(**base.components)
         pipe.set_progress_bar_config(disable=True)

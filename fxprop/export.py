@@ -18,11 +18,10 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from .capture import _path_name, capture, flatten_call
+from .capture import _normalise_timestep, _path_name, flatten_call
 from .follow import PlanFollower
 from .runtime import AcceleratedUNet
 from .schedules import Schedule, key_step_schedule
-from .split import split
 
 __all__ = ["export", "load", "LoadedUNet", "META_FILE"]
 
@@ -46,8 +45,7 @@ def export(target: Any, path: str | Path, *args: Any, aoti: bool = False,
     runtime = _runtime_of(target)
     key_steps = _plain_key_steps(runtime.policy)
     call = flatten_call(runtime.unet.forward, args, kwargs)
-    captured = capture(runtime.unet, call)
-    parts = split(captured, runtime.policy.cut(captured, runtime.layout))
+    _, parts = runtime.split_call(call)  # eager parts, whatever compile= the runtime has
     with torch.no_grad():
         frontier = parts.key(*[call.tensors[i] for i in parts.key_inputs])
         step_args = (*[call.tensors[i] for i in parts.step_inputs], *frontier)
@@ -139,9 +137,9 @@ class LoadedUNet(PlanFollower):
         sample = arguments.get(sample_name)
         if not isinstance(sample, torch.Tensor) or timestep is None:
             raise TypeError(f"the call needs {sample_name} (a tensor) and {timestep_name}")
+        _normalise_timestep(arguments, sample, timestep_name)
         dtype = getattr(torch, self.meta["dtypes"][self.meta["input_names"].index(timestep_name)])
-        t = torch.as_tensor(timestep, device=sample.device).to(dtype).reshape(-1)
-        arguments[timestep_name] = t.expand(sample.shape[0]) if t.numel() == 1 else t
+        arguments[timestep_name] = arguments[timestep_name].to(dtype)
         leaves, _ = pytree.tree_flatten_with_path(arguments)
         given = {_path_name(p): x for p, x in leaves if isinstance(x, torch.Tensor)}
         names = self.meta["input_names"]

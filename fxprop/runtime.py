@@ -88,10 +88,14 @@ class AcceleratedUNet(PlanFollower):
         """Captured graph and parts for this call's signature, captured (and, with
         ``compile=``, wrapped by ``torch.compile``) on first use."""
         if call.key not in self._captured:
-            captured = capture(self.unet, call)
-            parts = split(captured, self.policy.cut(captured, self.layout))
+            captured, parts = self.split_call(call)
             self._captured[call.key] = captured, compile_parts(parts, self.compile_options)
         return self._captured[call.key]
+
+    def split_call(self, call: FlatCall) -> tuple[Captured, Parts]:
+        """Capture the UNet for ``call`` and cut it with the policy's cut (uncached, eager)."""
+        captured = capture(self.unet, call)
+        return captured, split(captured, self.policy.cut(captured, self.layout))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         call = flatten_call(self.unet.forward, args, kwargs)
@@ -186,7 +190,7 @@ MUTATORS = frozenset({
     "load_lora_adapter", "load_attn_procs", "set_adapters", "set_adapter", "enable_adapters",
     "disable_adapters", "delete_adapters", "fuse_lora", "unfuse_lora", "unload_lora",
     "set_attn_processor", "set_default_attn_processor", "fuse_qkv_projections",
-    "unfuse_qkv_projections", "enable_freeu", "disable_freeu", "load_state_dict",
+    "unfuse_qkv_projections", "enable_freeu", "disable_freeu",
 })
 
 

@@ -25,10 +25,10 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import fxprop  # noqa: E402
+from bench import flops  # noqa: E402
 from fxprop.cli import psnr  # noqa: E402
 from fxprop.demo import load_digits_pipeline  # noqa: E402
 from fxprop.demo.classifier import (classify, frechet_distance, load_classifier,  # noqa: E402
@@ -77,9 +77,7 @@ def run(rows: list[Row], labels: list[int], batch: int, steps: int) -> None:
     """Warm up and count FLOPs per policy, then sample all labels, batches interleaved."""
     for row in rows:
         sample(row.pipe, list(range(10)), 0, steps)  # capture outside the timed runs
-        with FlopCounterMode(display=False) as counter:
-            sample(row.pipe, list(range(10)), 0, steps)
-        row.flops = counter.get_total_flops()
+        row.flops = flops(lambda: sample(row.pipe, list(range(10)), 0, steps))
     batches = [labels[i:i + batch] for i in range(0, len(labels), batch)]
     for b, chunk in enumerate(tqdm(batches, desc="batches (all policies)")):
         for row in rows:

@@ -18,10 +18,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-__all__ = ["CallKey", "FlatCall", "Captured", "flatten_call", "capture"]
+from .graph import placeholders
+
+__all__ = ["CallKey", "FlatCall", "Captured", "flatten_call", "capture", "normalise_timestep",
+           "path_name", "TENSOR"]
 
 #: Stands for a tensor leaf in a call's template (``None`` is a real leaf value).
-_TENSOR = object()
+TENSOR = object()
 
 #: Prefix of every module path in the captured graph (the wrapper's attribute name).
 ROOT = "unet"
@@ -43,11 +46,8 @@ class FlatCall:
     names: list[str]          # a readable name per tensor leaf (for placeholders and errors)
     key: CallKey
     spec: pytree.TreeSpec
-    template: list[Any]       # all leaves, tensors replaced by _TENSOR
+    template: list[Any]       # all leaves, tensors replaced by TENSOR
     timestep: Any             # the timestep exactly as passed (before normalisation)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self.tensors[self.names.index(name)]
 
 
 def _leaf_meta(leaf: Any) -> tuple:
@@ -60,7 +60,7 @@ def _leaf_meta(leaf: Any) -> tuple:
         return ("const", type(leaf).__name__, repr(leaf))
 
 
-def _path_name(path: tuple) -> str:
+def path_name(path: tuple) -> str:
     parts = []
     for entry in path:
         key = getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry)))
@@ -68,7 +68,7 @@ def _path_name(path: tuple) -> str:
     return "_".join(parts)
 
 
-def _normalise_timestep(arguments: dict, sample: torch.Tensor, timestep_name: str) -> None:
+def normalise_timestep(arguments: dict, sample: torch.Tensor, timestep_name: str) -> None:
     """Make the timestep a 1-D tensor of the batch size, as the UNet itself would."""
     t = arguments[timestep_name]
     t = torch.as_tensor(t, device=sample.device)
@@ -98,14 +98,14 @@ def flatten_call(forward: Callable, args: tuple, kwargs: dict) -> FlatCall:
     if len(names) < 2 or not isinstance(arguments.get(names[0]), torch.Tensor):
         raise TypeError(f"the UNet's first argument must be the latent tensor, got {names[:2]}")
     timestep = arguments.get(names[1])
-    _normalise_timestep(arguments, arguments[names[0]], names[1])
+    normalise_timestep(arguments, arguments[names[0]], names[1])
     leaves_with_path, spec = pytree.tree_flatten_with_path(arguments)
     tensors, tensor_names, template = [], [], []
     for path, leaf in leaves_with_path:
         if isinstance(leaf, torch.Tensor):
             tensors.append(leaf)
-            tensor_names.append(_path_name(path))
-            template.append(_TENSOR)
+            tensor_names.append(path_name(path))
+            template.append(TENSOR)
         else:
             template.append(leaf)
     key = CallKey(str(spec), tuple(_leaf_meta(leaf) for _, leaf in leaves_with_path))
@@ -123,7 +123,7 @@ class _FlatUNet(nn.Module):
     def forward(self, *tensors: torch.Tensor) -> Any:
         leaves, it = [], iter(tensors)
         for leaf in self._template:
-            leaves.append(next(it) if leaf is _TENSOR else leaf)
+            leaves.append(next(it) if leaf is TENSOR else leaf)
         arguments = pytree.tree_unflatten(leaves, self._spec)
         return getattr(self, ROOT)(**arguments)
 
@@ -133,7 +133,6 @@ class Captured:
     """A captured UNet call: a flat graph over the tensor leaves, and how to rebuild outputs."""
 
     module: fx.GraphModule     # forward(*tensor_leaves) -> tuple of output tensors
-    input_names: list[str]
     out_spec: pytree.TreeSpec
 
     @property
@@ -144,8 +143,7 @@ class Captured:
 def _plain_graph(graph: fx.Graph, names: list[str]) -> fx.Graph:
     """Copy an exported graph into one with a plain codegen and readable placeholder names."""
     new, env = fx.Graph(), {}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for node, name in zip(placeholders, names):
+    for node, name in zip(placeholders(graph), names):
         env[node] = new.placeholder(name)
         env[node].meta = dict(node.meta)
     for node in graph.nodes:
@@ -167,10 +165,13 @@ def capture(unet: nn.Module, call: FlatCall) -> Captured:
     with torch.no_grad():
         try:
             exported = torch.export.export(flat, tuple(call.tensors), strict=False)
-        except Exception as err:  # export raises many types; name the model in one place
-            raise RuntimeError(
-                f"fxprop could not capture {type(unet).__name__} with torch.export: {err}"
-            ) from err
+        except Exception as err:  # export raises many types: keep the type, name the model
+            context = f"fxprop could not capture {type(unet).__name__} with torch.export"
+            again = _same_type(err, f"{context}: {err}")
+            if again is None:
+                err.add_note(context)
+                raise
+            raise again from err
     if _mutates(exported.graph):
         # In-place ops (e.g. FreeU's ``h[:, :n] *= b``) have no users, so cutting the graph by
         # data dependencies would drop them: make the graph functional first.
@@ -179,7 +180,17 @@ def capture(unet: nn.Module, call: FlatCall) -> Captured:
     unlifted = exported.module()
     graph = _plain_graph(unlifted.graph, call.names)
     return Captured(fx.GraphModule(_attributes(graph, flat, unlifted), graph),
-                    list(call.names), exported.call_spec.out_spec)
+                    exported.call_spec.out_spec)
+
+
+def _same_type(err: Exception, message: str) -> Exception | None:
+    """A new exception of ``err``'s type saying ``message``, or None if the type does not take
+    a single message (then the caller adds a note to ``err`` instead)."""
+    try:
+        again = type(err)(message)
+    except Exception:  # any constructor that wants other arguments
+        return None
+    return again if str(again) == message else None
 
 
 def _mutates(graph: fx.Graph) -> bool:
@@ -194,9 +205,7 @@ def _mutates(graph: fx.Graph) -> bool:
 def _attributes(graph: fx.Graph, *owners: nn.Module) -> dict[str, Any]:
     """Resolve every ``get_attr`` target, preferring the user's own module (shared weights)."""
     found: dict[str, Any] = {}
-    for node in graph.nodes:
-        if node.op != "get_attr":
-            continue
+    for node in graph.find_nodes(op="get_attr"):
         for owner in owners:
             try:
                 found[node.target] = _getattr_path(owner, node.target)

@@ -25,16 +25,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import fx
 
 from .capture import Captured
+from .graph import ancestors, descendants, frontier_of, output_nodes, placeholders, positions
 from .regions import Layout, Region, label_nodes, module_path
 
-__all__ = ["Cut", "descendants", "ancestors", "frontier_of", "encoder_cut", "structural_cut",
-           "find_bottleneck", "Bottleneck", "RESIDUAL_INPUTS"]
+__all__ = ["Cut", "encoder_cut", "structural_cut", "find_bottleneck", "Bottleneck",
+           "latent_inputs", "latent_path", "RESIDUAL_INPUTS"]
 
 Cut = Callable[[Captured, Layout], list[fx.Node]]
 
@@ -43,40 +44,15 @@ RESIDUAL_INPUTS = ("down_block_additional_residuals", "mid_block_additional_resi
                    "down_intrablock_additional_residuals", "control")
 
 
-def descendants(roots: Iterable[fx.Node]) -> set[fx.Node]:
-    """``roots`` and every node that depends on one of them."""
-    seen: set[fx.Node] = set()
-    todo = list(roots)
-    while todo:
-        node = todo.pop()
-        if node not in seen:
-            seen.add(node)
-            todo.extend(node.users)
-    return seen
+def latent_inputs(captured: Captured) -> list[fx.Node]:
+    """The latent (the first forward argument, see capture) and any encoder residual inputs."""
+    latent, *rest = placeholders(captured.graph)
+    return [latent] + [p for p in rest if p.name.startswith(RESIDUAL_INPUTS)]
 
 
-def ancestors(roots: Iterable[fx.Node]) -> set[fx.Node]:
-    """``roots`` and every node they depend on."""
-    seen: set[fx.Node] = set()
-    todo = list(roots)
-    while todo:
-        node = todo.pop()
-        if node not in seen:
-            seen.add(node)
-            todo.extend(node.all_input_nodes)
-    return seen
-
-
-def frontier_of(graph: fx.Graph, cached: set[fx.Node]) -> list[fx.Node]:
-    """Cached nodes read by uncached ones, in graph order."""
-    return [n for n in graph.nodes if n in cached and any(u not in cached for u in n.users)]
-
-
-def _latent_inputs(captured: Captured) -> list[fx.Node]:
-    placeholders = [n for n in captured.graph.nodes if n.op == "placeholder"]
-    latent = [placeholders[0]]  # the first forward argument is the latent (see capture)
-    latent += [p for p in placeholders[1:] if p.name.startswith(RESIDUAL_INPUTS)]
-    return latent
+def latent_path(captured: Captured) -> set[fx.Node]:
+    """Nodes that depend on the latent inputs and reach an output."""
+    return descendants(latent_inputs(captured)) & ancestors(output_nodes(captured.graph))
 
 
 def encoder_cut(captured: Captured, layout: Layout) -> list[fx.Node]:
@@ -104,7 +80,7 @@ def encoder_cut(captured: Captured, layout: Layout) -> list[fx.Node]:
         raise ValueError(f"{late.format_node()} of {module_path(late)} ({labels[late].value} "
                          f"in the {layout.name} layout) runs after the decoder; check the "
                          "module prefixes of regions=")
-    cached = descendants(_latent_inputs(captured)) - after
+    cached = descendants(latent_inputs(captured)) - after
     frontier = frontier_of(graph, cached)
     if not frontier:
         raise ValueError("the encoder cut is empty: no value flows from the latent to the decoder")
@@ -143,8 +119,7 @@ def _resolution(node: fx.Node) -> int | None:
 def find_bottleneck(captured: Captured) -> Bottleneck:
     """The bottleneck of the latent path (defined in this module's docstring)."""
     graph = captured.graph
-    outputs = next(n for n in graph.nodes if n.op == "output").all_input_nodes
-    path = descendants(_latent_inputs(captured)) & ancestors(outputs)
+    path = latent_path(captured)
     spatial = [(n, r) for n in graph.nodes if n in path and (r := _resolution(n)) is not None]
     if not spatial:
         _fail(captured, "found no convolution, pooling or resampling on the latent's path")
@@ -167,9 +142,9 @@ def structural_cut(captured: Captured, layout: Layout | None = None) -> list[fx.
     skip tensors.
     """
     graph = captured.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    order = positions(graph)
     neck = find_bottleneck(captured)
-    cached = {n for n in descendants(_latent_inputs(captured))
+    cached = {n for n in descendants(latent_inputs(captured))
               if order[n] < order[neck.upsample]}
     frontier = frontier_of(graph, cached)
     if not any(order[n] < order[neck.first] for n in frontier):

@@ -20,22 +20,9 @@ import torch
 from torch import fx
 
 from .capture import Captured
+from .graph import needed, output_nodes, placeholders
 
-__all__ = ["Parts", "needed", "extract", "split", "check_split"]
-
-
-def needed(outputs: list[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
-    """Nodes on which ``outputs`` depend, not looking behind ``stop``."""
-    seen: set[fx.Node] = set()
-    todo = list(outputs)
-    while todo:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node not in stop:
-            todo.extend(node.all_input_nodes)
-    return seen
+__all__ = ["Parts", "extract", "split", "check_split"]
 
 
 def extract(graph: fx.Graph, inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.Graph:
@@ -69,31 +56,28 @@ class Parts:
     step: fx.GraphModule
     key_inputs: list[int]
     step_inputs: list[int]
-    frontier_names: list[str]
     num_outputs: int
 
 
 def split(captured: Captured, frontier: list[fx.Node]) -> Parts:
     """Cut ``captured`` at ``frontier``; the parts share the captured module's parameters."""
     graph = captured.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    outputs = list(next(n for n in graph.nodes if n.op == "output").args[0])
+    inputs, outputs = placeholders(graph), output_nodes(graph)
     # 1. Inputs each part reads: walk back from its outputs, stopping at the frontier.
-    key_reads = needed(frontier, set(placeholders))
-    step_reads = needed(outputs, set(frontier) | set(placeholders))
-    key_inputs = [i for i, p in enumerate(placeholders) if p in key_reads]
-    step_inputs = [i for i, p in enumerate(placeholders) if p in step_reads]
+    key_reads = needed(frontier, set(inputs))
+    step_reads = needed(outputs, set(frontier) | set(inputs))
+    key_inputs = [i for i, p in enumerate(inputs) if p in key_reads]
+    step_inputs = [i for i, p in enumerate(inputs) if p in step_reads]
     # 2. Build each part with the same pass; frontier nodes become the step part's inputs.
     root = captured.module
 
     def module(g: fx.Graph) -> fx.GraphModule:
         return fx.GraphModule(root, g)
 
-    full = module(extract(graph, placeholders, outputs + frontier))
-    key = module(extract(graph, [placeholders[i] for i in key_inputs], frontier))
-    step = module(extract(graph, [placeholders[i] for i in step_inputs] + frontier, outputs))
-    return Parts(full, key, step, key_inputs, step_inputs, [n.name for n in frontier],
-                 len(outputs))
+    full = module(extract(graph, inputs, outputs + frontier))
+    key = module(extract(graph, [inputs[i] for i in key_inputs], frontier))
+    step = module(extract(graph, [inputs[i] for i in step_inputs] + frontier, outputs))
+    return Parts(full, key, step, key_inputs, step_inputs, len(outputs))
 
 
 @torch.no_grad()

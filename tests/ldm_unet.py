@@ -5,7 +5,12 @@ Written from scratch after the structure of ``ldm/modules/diffusionmodules/opena
 pushes every input block's output onto a list ``hs`` and the decoder pops them, concatenating
 each with its hidden state. ``ldm_unet()`` is shaped like SD 1.5 (two res blocks per level,
 attention at every level but the last, a mid block of res/attention/res), with two levels of
-16 and 32 channels. Unlike LDM, no layer is zero-initialised: random weights must matter.
+16 and 32 channels; ``ldm_sd2_unet()`` adds SD 2's linear transformer projections and
+``ldm_sdxl_unet()`` SDXL's shape (three levels, no attention at the first, transformer depth
+per level, a label embedding of the pooled text and size conditioning ``y``). LDM
+zero-initialises its output layers (``out``, each ResBlock's last conv, ``proj_out``), which makes
+an untrained UNet output a near-constant: here no layer is zero-initialised, random weights
+must matter (:func:`zero_init_layers` lists them for the tests to check).
 """
 
 from __future__ import annotations
@@ -36,20 +41,28 @@ class TimestepBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Norm, 1x1 projection in, transformer blocks over the pixels, projection out, residual."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, depth: int = 1) -> None:
+    def __init__(self, channels: int, heads: int, context_dim: int, depth: int = 1,
+                 use_linear: bool = False) -> None:
         super().__init__()
-        self.norm = norm(channels)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.norm, self.use_linear = norm(channels), use_linear
+        project = nn.Linear if use_linear else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.proj_in = project(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = project(channels, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # b, hw, c
+        y = self.norm(x)
+        if not self.use_linear:  # SD 1: 1x1 convs around the pixels-as-tokens reshape
+            y = self.proj_in(y)
+        y = y.flatten(2).transpose(1, 2)  # b, hw, c
+        y = self.proj_in(y) if self.use_linear else y
         for block in self.transformer_blocks:
             y = block(y, context)
-        return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
+        y = self.proj_out(y) if self.use_linear else y
+        y = y.transpose(1, 2).reshape(b, c, h, w)
+        return x + (y if self.use_linear else self.proj_out(y))
 
 
 class CrossAttention(nn.Module):
@@ -142,12 +155,25 @@ class UNetModel(nn.Module):
 
     def __init__(self, in_channels=4, model_channels=16, out_channels=4, num_res_blocks=2,
                  attention_resolutions=(1,), channel_mult=(1, 2), num_heads=2,
-                 context_dim=32) -> None:
+                 context_dim=32, transformer_depth=1, use_linear_in_transformer=False,
+                 adm_in_channels=None) -> None:
         super().__init__()
         self.model_channels = model_channels
         emb = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(),
                                         nn.Linear(emb, emb))
+        if adm_in_channels:  # SDXL: pooled text and size conditioning, added to the time
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb)))
+        depths = ((transformer_depth,) * len(channel_mult) if isinstance(transformer_depth, int)
+                  else tuple(transformer_depth))
+
+        def attention(ch: int, level: int) -> list[nn.Module]:
+            if ds not in attention_resolutions or not depths[level]:
+                return []
+            return [SpatialTransformer(ch, num_heads, context_dim, depths[level],
+                                       use_linear_in_transformer)]
+
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         chans, ch, ds = [model_channels], model_channels, 1
@@ -155,8 +181,7 @@ class UNetModel(nn.Module):
             for _ in range(num_res_blocks):
                 layers = [ResBlock(ch, emb, mult * model_channels)]
                 ch = mult * model_channels
-                if ds in attention_resolutions:
-                    layers.append(SpatialTransformer(ch, num_heads, context_dim))
+                layers += attention(ch, level)
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
             if level != len(channel_mult) - 1:
@@ -164,24 +189,27 @@ class UNetModel(nn.Module):
                 chans.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb), SpatialTransformer(ch, num_heads, context_dim), ResBlock(ch, emb))
+            ResBlock(ch, emb), SpatialTransformer(ch, num_heads, context_dim, depths[-1],
+                                                  use_linear_in_transformer), ResBlock(ch, emb))
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
                 layers = [ResBlock(ch + chans.pop(), emb, mult * model_channels)]
                 ch = mult * model_channels
-                if ds in attention_resolutions:
-                    layers.append(SpatialTransformer(ch, num_heads, context_dim))
+                layers += attention(ch, level)
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
         # LDM takes a 1-D tensor of timesteps; a scalar is broadcast to the batch here.
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if y is not None:
+            emb = emb + self.label_emb(y)
         hs, h = [], x
         for module in self.input_blocks:
             h = module(h, emb, context)
@@ -197,3 +225,30 @@ def ldm_unet(seed: int = 0, **overrides) -> UNetModel:
     """An SD-1.5-shaped LDM UNet with 16 base channels and random weights."""
     torch.manual_seed(seed)
     return UNetModel(**overrides).eval()
+
+
+def ldm_sd2_unet(seed: int = 0) -> UNetModel:
+    """SD 2.x's LDM config: linear projections in and out of the transformers."""
+    return ldm_unet(seed, use_linear_in_transformer=True)
+
+
+#: Channels of SDXL's ``y`` in :func:`ldm_sdxl_unet` (pooled text + size embeddings in SDXL).
+SDXL_ADM_CHANNELS = 24
+
+
+def ldm_sdxl_unet(seed: int = 0) -> UNetModel:
+    """SDXL's LDM config in small: 3 levels, attention from the second, depths (0, 1, 2)."""
+    return ldm_unet(seed, channel_mult=(1, 2, 4), attention_resolutions=(2, 4),
+                    transformer_depth=(0, 1, 2), use_linear_in_transformer=True,
+                    adm_in_channels=SDXL_ADM_CHANNELS)
+
+
+def zero_init_layers(unet: UNetModel) -> list[nn.Module]:
+    """The layers LDM zero-initialises (``zero_module``): a random UNet must not leave them 0."""
+    layers = [unet.out[-1]]
+    for module in unet.modules():
+        if isinstance(module, ResBlock):
+            layers.append(module.out_layers[-1])
+        elif isinstance(module, SpatialTransformer):
+            layers.append(module.proj_out)
+    return layers

@@ -7,14 +7,11 @@ plain sampling; sparse plans never read the current latent at non-key steps.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
-from unittest import mock
 
 import pytest
 import torch
@@ -25,12 +22,15 @@ from torch import nn
 
 import fxprop
 import fxprop.runtime
-from conftest import TEXT_DIM, make_scheduler, sd_unet, text_embeds, tiny_vae
+from conftest import (TEXT_DIM, make_scheduler, sample_of, sd_unet, shared_captures, text_embeds,
+                      tiny_vae)
 from fxprop.capture import Captured, flatten_call
 from fxprop.cuts import encoder_cut, find_bottleneck
 from fxprop.regions import module_path, resolve_layout
 from fxprop.split import check_split
-from ldm_unet import ldm_unet
+from fxprop.graph import placeholders
+from ldm_unet import SDXL_ADM_CHANNELS, ldm_sdxl_unet, ldm_unet
+from lucid_unet import LUCID_REGIONS, lucid_unet
 
 TIMESTEPS = torch.tensor([900, 600, 300, 100])
 
@@ -58,13 +58,6 @@ class Model:
         head, tail = x.split([n, x.shape[self.channel_dim] - n], self.channel_dim)
         return torch.cat([head - 0.2 * eps.narrow(self.channel_dim, 0, n), tail],
                          self.channel_dim)
-
-
-def sample_of(out: Any) -> torch.Tensor:
-    """The predicted tensor of any UNet's output (tensor, BaseOutput or tuple)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.sample if hasattr(out, "sample") else out[0]
 
 
 def _randn(*shape: int, seed: int = 1) -> torch.Tensor:
@@ -201,6 +194,12 @@ MODELS: dict[str, Model] = {
                        time_embedding_type="fourier"),  # skip blocks norm with 32 groups
         (2, 3, 8, 8)),
     "LDM UNetModel (input_blocks/output_blocks)": Model(ldm_unet, (2, 4, 16, 16), _text()),
+    "LDM UNetModel, SDXL-shaped (3 levels, depth per level, label embedding)": Model(
+        ldm_sdxl_unet, (2, 4, 16, 16), _text(), lambda: {"y": _randn(2, SDXL_ADM_CHANNELS)}),
+    "lucidrains Unet (denoising-diffusion-pytorch layout), structural": Model(
+        lucid_unet, (2, 3, 16, 16)),
+    "lucidrains Unet (denoising-diffusion-pytorch layout), regions=": Model(
+        lucid_unet, (2, 3, 16, 16), regions=LUCID_REGIONS),
     "UNet3DConditionModel (text-to-video)": Model(unet3d, (1, 4, 2, 8, 8), _text(1)),
     "UNetSpatioTemporalConditionModel (SVD)": Model(
         svd_unet, (1, 2, 8, 8, 8), _text(1, 1), lambda: {"added_time_ids": _randn(1, 3)},
@@ -281,22 +280,6 @@ def unet_of(model: Model) -> nn.Module:
     return _UNETS[model.build]
 
 
-@contextlib.contextmanager
-def shared_captures():
-    """Capture is a pure function of UNet and call signature: share it between runtimes."""
-    memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-    real = fxprop.runtime.capture
-
-    def capture(unet, call):
-        per_unet = memo.setdefault(unet, {})
-        if call.key not in per_unet:
-            per_unet[call.key] = real(unet, call)
-        return per_unet[call.key]
-
-    with mock.patch.object(fxprop.runtime, "capture", capture):
-        yield
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_capture_per_call():
     with shared_captures():
@@ -319,8 +302,8 @@ def test_non_key_steps_never_read_the_latent(name):
     sparse = sparse_generation(model, unet, keys)
     x, args, kwargs = model.call()
     captured, parts = acc.parts_for(flatten_call(unet.forward, (x, TIMESTEPS[0], *args), kwargs))
-    placeholders = [n.name for n in parts.step.graph.nodes if n.op == "placeholder"]
-    assert captured.input_names[0] not in placeholders and 0 not in parts.step_inputs
+    step_inputs = [n.name for n in placeholders(parts.step.graph)]
+    assert placeholders(captured.graph)[0].name not in step_inputs and 0 not in parts.step_inputs
     garbage = generate(model, acc, feed=lambda i, x: x if i in keys else torch.full_like(x, 7.0))
     assert max_diff(sparse, garbage) == 0.0
     assert max_diff(sparse, generate(model, unet)) > 1e-4  # features really were reused

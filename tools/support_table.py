@@ -3,8 +3,10 @@
 Runs the tiny model builders of ``tests/test_models.py`` (the ones the tests use). A cell is
 "yes" when, in that mode, the split composes to the whole UNet (1e-5), a 3-step generation with
 every step a key step equals plain sampling (1e-5), and a sparse 3-step generation runs without
-falling back to the whole UNet; parallel mode must also equal sequential mode on that plan.
-Otherwise the cell says "no" with a footnote giving the first words of the error.
+falling back to the whole UNet and differs from plain sampling (features really were reused);
+parallel mode must also equal sequential mode on that plan. The deep column cuts at branch 0,
+the shallowest skip (found from the graph, see ``fxprop/deep.py``). Otherwise the cell says
+"no" with a footnote giving the first words of the error.
 
     python tools/support_table.py                  # every model, Markdown on stdout
     python tools/support_table.py --only LDM SVD   # rows whose name contains a word
@@ -24,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 
-from test_models import (MODELS, Model, check_model, max_diff, shared_captures,  # noqa: E402
-                         sparse_generation, unet_of)
+from test_models import (MODELS, Model, check_model, generate, max_diff,  # noqa: E402
+                         shared_captures, sparse_generation, unet_of)
 
 TIMESTEPS = torch.tensor([900, 500, 100])
 KEYS = [0]
-#: column -> options of fxprop.accelerate (parallel and deep light up when they land)
+#: column -> options of fxprop.accelerate
 MODES = {
     "encoder (sequential)": {},
     "encoder (parallel)": {"parallel": True},
@@ -42,6 +44,9 @@ def check_cell(model: Model, unet: torch.nn.Module, options: dict) -> str | None
     try:
         check_model(model, unet, TIMESTEPS, **options)
         sparse = sparse_generation(model, unet, KEYS, TIMESTEPS, **options)
+        plain = generate(model, unet, TIMESTEPS)
+        if max_diff(sparse, plain) <= 1e-6:
+            return "a sparse generation equals plain sampling: nothing was reused"
         if options.get("parallel"):
             error = max_diff(sparse, sparse_generation(model, unet, KEYS, TIMESTEPS))
             if error > 1e-5:

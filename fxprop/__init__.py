@@ -2,15 +2,18 @@
 
 from .api import accelerate, restore
 from .compile import CompileOptions
-from .config import DeepCache, EncoderPropagation
+from .config import DeepCache, EncoderPropagation, Policy
+from .deep import branches
 from .export import LoadedUNet, export, load
+from .forecast import signal_levels
 from .plan import Plan, Segment, make_plan
 from .runtime import AcceleratedUNet
 from .schedules import (PRESETS, deepcache_nonuniform, every, faster_diffusion,
                         key_step_schedule)
 
-__all__ = ["accelerate", "restore", "AcceleratedUNet", "EncoderPropagation", "DeepCache", "Plan",
+__all__ = ["accelerate", "restore", "AcceleratedUNet", "EncoderPropagation", "DeepCache", "Policy",
+           "branches", "Plan",
            "Segment", "make_plan", "PRESETS", "every", "faster_diffusion", "deepcache_nonuniform",
            "key_step_schedule", "CompileOptions", "export", "load",
-           "LoadedUNet"]
+           "LoadedUNet", "signal_levels"]
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ POLICIES: list[tuple[str, dict | None]] = [
                                  max_batch=240)),  # CPU: large batches lose the cache
     ("deep N=3 branch 0", dict(reuse="deep", key_steps=3, branch=0)),
     ("deep N=5 branch 0", dict(reuse="deep", key_steps=5, branch=0)),
+    ("deep N=5 b0 forecast 1", dict(reuse="deep", key_steps=5, branch=0, forecast=1)),
 ]
 
 

@@ -1,22 +1,96 @@
-"""One config dataclass per reuse policy, validated when made."""
+"""One config dataclass per reuse policy, validated when made, and the protocol they share.
+
+The runtime reads a policy only through :class:`Policy`: its cut, its key-step schedule (and
+the plan made from it), its prior noise weight, its forecast order and whether it batches.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Hashable, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from .cuts import Cut, encoder_cut
 from .deep import check_branch, deep_cut
+from .forecast import check_forecast, check_forecast_in, check_reach
+from .plan import Plan, make_plan
 from .schedules import Schedule, key_step_schedule
 
 __all__ = ["EncoderPropagation", "DeepCache", "Policy", "make_policy", "REUSE_MODES"]
 
 
+@runtime_checkable
+class Policy(Protocol):
+    """What a reuse mode provides to the runtime."""
+
+    reuse: str                 # "encoder" or "deep"
+    prior_noise: float         # weight of z_T added before steps with t < T/2 (0: off)
+    forecast: int              # order of the frontier forecast (0: reuse as cached)
+    forecast_in: str           # its variable: "step" (index) or "signal" (sqrt(alpha_bar))
+    forecast_reach: float      # how far past the last key step it extrapolates
+    regions: Any               # module prefixes by region, or None
+
+    @property
+    def schedule(self) -> Schedule: ...
+
+    @property
+    def cut(self) -> Cut: ...
+
+    @property
+    def cut_id(self) -> Hashable:
+        """Equal for two policies that cut the same graph alike (they share captures)."""
+
+    @property
+    def batches(self) -> bool:
+        """Whether a segment's every-step passes run as one batched call (parallel mode)."""
+
+    @property
+    def max_batch(self) -> int | None: ...
+
+    @property
+    def needs_signal(self) -> bool:
+        """Whether :meth:`plan` needs the signal level of every step."""
+
+    def plan(self, timesteps: torch.Tensor | list, num_train_timesteps: int | None,
+             signal: Sequence[float] | None = None) -> Plan: ...
+
+    def validate(self, unet: nn.Module) -> None: ...
+
+
+class _Planning:
+    """The plan of a policy, and the checks of its forecast fields (shared by both)."""
+
+    def _check_forecast(self) -> None:
+        check_forecast(self.forecast)
+        check_forecast_in(self.forecast_in)
+        check_reach(self.forecast_reach)
+
+    @property
+    def needs_signal(self) -> bool:
+        return self.forecast > 0 and self.forecast_in == "signal"
+
+    def plan(self, timesteps: torch.Tensor | list, num_train_timesteps: int | None,
+             signal: Sequence[float] | None = None) -> Plan:
+        """The plan of one generation over ``timesteps``; ``signal``: the signal level
+        ``sqrt(alpha_bar)`` of every step (:func:`fxprop.forecast.signal_levels`), needed
+        when the forecast is in that variable."""
+        if self.needs_signal and signal is None:
+            raise ValueError(
+                "forecast_in='signal' needs the signal level of every step: pass "
+                "set_timesteps(..., signal=fxprop.signal_levels(scheduler)) (pipelines do it "
+                "for you), or forecast_in='step'")
+        positions = signal if self.needs_signal else None
+        return make_plan(timesteps, self.schedule, num_train_timesteps, self.forecast,
+                         positions, self.forecast_reach)
+
+
 @dataclass(frozen=True)
-class EncoderPropagation:
+class EncoderPropagation(_Planning):
     """Faster Diffusion's encoder propagation (Li et al., arXiv 2312.09608).
 
     Attributes:
@@ -25,6 +99,14 @@ class EncoderPropagation:
             whose timestep is below half the training horizon (0 turns it off).
         parallel: batch the decoder passes of each segment into one call at its key step.
         max_batch: upper bound, in samples, of one batched decoder call (parallel mode).
+        forecast: order of the frontier forecast between key steps (0: reuse the key step's
+            frontier, as the paper; 1: linear, 2: quadratic extrapolation through the last
+            key frontiers; see :mod:`fxprop.forecast`).
+        forecast_in: the forecast's variable: ``"step"`` (the step index; the default here,
+            measured best for encoder features) or ``"signal"`` (``sqrt(alpha_bar)``).
+        forecast_reach: a forecast goes at most this many times the distance of the last two
+            key steps past the last one (``math.inf``: unbounded). 1 by default here: the
+            faster-diffusion preset's long late segments overshoot without it.
         regions: module prefixes by region for UNets with unknown names, e.g.
             ``{"encoder": ["enc"], "mid": ["bottleneck"], "decoder": ["dec"], "output": ["head"]}``
             (``None``: diffusers or LDM names, else the structural fallback).
@@ -34,6 +116,9 @@ class EncoderPropagation:
     prior_noise: float = 0.003
     parallel: bool = False
     max_batch: int | None = None
+    forecast: int = 0
+    forecast_in: str = "step"
+    forecast_reach: float = 1.0
     regions: Any = field(default=None, compare=False)
     schedule: Schedule = field(init=False, repr=False, compare=False)
 
@@ -42,6 +127,7 @@ class EncoderPropagation:
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", key_step_schedule(self.key_steps))
         _check_prior_noise(self.prior_noise)
+        self._check_forecast()
         if self.max_batch is not None and (not isinstance(self.max_batch, int)
                                            or self.max_batch < 1):
             raise ValueError(f"max_batch must be a positive int or None, got {self.max_batch!r}")
@@ -53,21 +139,30 @@ class EncoderPropagation:
     def cut(self) -> Cut:
         return encoder_cut
 
+    @property
+    def cut_id(self) -> Hashable:
+        return ("encoder",)
+
+    @property
+    def batches(self) -> bool:
+        return self.parallel
+
     def validate(self, unet: nn.Module) -> None:
         """Checks that need the UNet (none: its regions are found when it is captured)."""
 
 
 @dataclass(frozen=True)
-class DeepCache:
+class DeepCache(_Planning):
     """DeepCache's deep-feature caching (Ma et al., arXiv 2312.00858).
 
     Attributes:
         key_steps: interval ``N`` (DeepCache's ``cache_interval``), explicit list of steps, or a
             schedule such as :func:`fxprop.schedules.deepcache_nonuniform`. Steps count UNet
             calls, which is DeepCache's step index for first-order schedulers.
-        branch: DeepCache's ``cache_branch_id``: the up resnet ``up_blocks[-1 - branch // 3]
-            .resnets[-1 - branch % 3]`` whose input is cached (see :mod:`fxprop.deep` for the
-            ids of SD, SDXL and ``UNet2DModel``). 0 is the shallowest and fastest.
+        branch: a skip connection found in the captured graph, whose deep hidden state is
+            cached: DeepCache's ``cache_branch_id`` on diffusers UNets (see :mod:`fxprop.deep`
+            for the ids of SD, SDXL and ``UNet2DModel``), else 0..n-1 from the shallowest.
+            0 is the shallowest and fastest; list them with :func:`fxprop.deep.branches`.
         prior_noise: weight of Faster Diffusion's prior noise injection (off by default: not
             part of DeepCache).
         regions: as for :class:`EncoderPropagation`.
@@ -76,14 +171,20 @@ class DeepCache:
     key_steps: Any = 3
     branch: int = 0
     prior_noise: float = 0.0
+    forecast: int = 0
+    forecast_in: str = "signal"
+    forecast_reach: float = math.inf
     regions: Any = field(default=None, compare=False)
     schedule: Schedule = field(init=False, repr=False, compare=False)
 
     reuse = "deep"
+    batches = False   # the shallow branch reads the current latent: steps are sequential
+    max_batch = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", key_step_schedule(self.key_steps))
         _check_prior_noise(self.prior_noise)
+        self._check_forecast()
         if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:
             raise ValueError(f"branch must be a non-negative int (DeepCache's cache_branch_id),"
                              f" got {self.branch!r}")
@@ -92,12 +193,15 @@ class DeepCache:
     def cut(self) -> Cut:
         return functools.partial(deep_cut, branch=self.branch)
 
+    @property
+    def cut_id(self) -> Hashable:
+        return ("deep", self.branch)
+
     def validate(self, unet: nn.Module) -> None:
         """Raise ``ValueError`` if ``branch`` is out of range for ``unet``."""
         check_branch(unet, self.branch)
 
 
-Policy = EncoderPropagation | DeepCache
 REUSE_MODES: dict[str, type] = {"encoder": EncoderPropagation, "deep": DeepCache}
 
 

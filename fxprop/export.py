@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
 
-from .capture import _normalise_timestep, _path_name, flatten_call
+from .capture import normalise_timestep, path_name, flatten_call
+from .config import make_policy
 from .follow import PlanFollower
 from .runtime import AcceleratedUNet
-from .schedules import Schedule, key_step_schedule
 
 __all__ = ["export", "load", "LoadedUNet", "META_FILE"]
 
@@ -64,7 +65,9 @@ def export(target: Any, path: str | Path, *args: Any, aoti: bool = False,
     meta = {
         "format": FORMAT, "unet_class": type(runtime.unet).__name__,
         "reuse": runtime.policy.reuse, "key_steps": key_steps,
-        "prior_noise": runtime.policy.prior_noise,
+        "prior_noise": runtime.policy.prior_noise, "forecast": runtime.policy.forecast,
+        "forecast_in": runtime.policy.forecast_in,
+        "forecast_reach": runtime.policy.forecast_reach,
         "positional": names, "input_names": call.names, "step_inputs": parts.step_inputs,
         "shapes": [list(t.shape) for t in call.tensors],
         "dtypes": [str(t.dtype).removeprefix("torch.") for t in call.tensors],
@@ -105,26 +108,20 @@ class LoadedUNet(PlanFollower):
 
     def __init__(self, full: Callable, step: Callable, meta: dict) -> None:
         super().__init__()
-        self.full_part, self.step_part, self.meta = full, step, meta
-        self._schedule = key_step_schedule(meta["key_steps"])
-
-    @property
-    def schedule(self) -> Schedule:
-        return self._schedule
+        self.meta = meta
+        forecast = {k: meta[k] for k in ("forecast", "forecast_in", "forecast_reach")
+                    if k in meta}  # older exports: the policy's defaults (forecast 0)
+        self.policy = make_policy(meta["reuse"], key_steps=meta["key_steps"], **forecast)
+        self.full_part, self.step_part = full, step  # submodules: .to() moves them
+        self.parts = _LoadedParts(full, step, meta["step_inputs"], meta["num_outputs"])
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-        tensors, timestep = self._tensors(args, kwargs)
-        outputs = self.meta["num_outputs"]
-        gen = self._on_plan(timestep)
-        if gen is None:
-            return tuple(self.full_part(*tensors)[:outputs])
-        step, gen.step = gen.step, gen.step + 1
-        if gen.plan.is_key[step] or gen.frontier is None:
-            out = self.full_part(*tensors)
-            gen.frontier = tuple(out[outputs:])
-            return tuple(out[:outputs])
-        return tuple(self.step_part(*[tensors[i] for i in self.meta["step_inputs"]],
-                                    *gen.frontier))
+        call = _LoadedCall(*self._tensors(args, kwargs))
+        gen = self._on_plan(call.timestep)
+        out = None if gen is None else self.run_planned(gen, call, self.parts)
+        if out is None:  # off the plan: the full part is the whole UNet
+            return tuple(self.parts.full(*call.tensors)[: self.parts.num_outputs])
+        return out
 
     def _tensors(self, args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any]:
         """The call's tensor leaves in the exported order, checked against the export."""
@@ -137,11 +134,11 @@ class LoadedUNet(PlanFollower):
         sample = arguments.get(sample_name)
         if not isinstance(sample, torch.Tensor) or timestep is None:
             raise TypeError(f"the call needs {sample_name} (a tensor) and {timestep_name}")
-        _normalise_timestep(arguments, sample, timestep_name)
+        normalise_timestep(arguments, sample, timestep_name)
         dtype = getattr(torch, self.meta["dtypes"][self.meta["input_names"].index(timestep_name)])
         arguments[timestep_name] = arguments[timestep_name].to(dtype)
         leaves, _ = pytree.tree_flatten_with_path(arguments)
-        given = {_path_name(p): x for p, x in leaves if isinstance(x, torch.Tensor)}
+        given = {path_name(p): x for p, x in leaves if isinstance(x, torch.Tensor)}
         names = self.meta["input_names"]
         if set(given) != set(names):
             raise TypeError(f"the export takes the tensors {names}; got {sorted(given)}")
@@ -152,6 +149,25 @@ class LoadedUNet(PlanFollower):
                 raise ValueError(f"{name} is {list(x.shape)} {x.dtype}; the export was made "
                                  f"for {shape} torch.{dtype} (export again for other inputs)")
         return tensors, timestep
+
+
+@dataclass
+class _LoadedParts:
+    """The exported programs as the step function's parts."""
+
+    full: Callable
+    step: Callable
+    step_inputs: list[int]
+    num_outputs: int
+
+
+@dataclass
+class _LoadedCall:
+    """A call of the exported signature (one signature: every call has the same key)."""
+
+    tensors: list[torch.Tensor]
+    timestep: Any
+    key: str = "export"
 
 
 def _runtime_of(target: Any) -> AcceleratedUNet:

@@ -1,33 +1,51 @@
-"""Following a plan across the UNet calls of one generation.
+"""Following a plan across the UNet calls of one generation, with one step function.
 
-:class:`PlanFollower` is the state machine shared by the runtime (:class:`fxprop.AcceleratedUNet`)
-and by loaded exports (:class:`fxprop.export.LoadedUNet`): it starts a generation when the
-pipeline's scheduler sets its timesteps (or :meth:`~PlanFollower.set_timesteps` is called),
-checks that every call is the planned one, and otherwise marks the generation off-plan and
-warns once. Planned timesteps are host numbers; a pipeline's timestep (a view of the scheduler's
-timesteps) is matched by its storage offset, so the common path reads no device value.
+:class:`PlanFollower` is shared by the runtime (:class:`fxprop.AcceleratedUNet`) and by loaded
+exports (:class:`fxprop.export.LoadedUNet`): it starts a generation when the pipeline's
+scheduler sets its timesteps (or :meth:`~PlanFollower.set_timesteps` is called), checks that
+every call is the planned one, and otherwise marks the generation off-plan and warns once.
+A generation started by :meth:`~PlanFollower.set_sigmas` (k-diffusion samplers) maps calls to
+the steps of a sigma grid by their timestep instead (:mod:`fxprop.grid`).
+:meth:`PlanFollower.run_planned` is the one step function of both (plan lookup, then the full
+part at a key step or the every-step part on the planned frontier, then the cache update), so
+an export cannot behave differently from the runtime. Planned timesteps are host numbers; a
+pipeline's timestep (a view of the scheduler's timesteps) is matched by its storage offset, so
+the common path reads no device value.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from .plan import Plan, make_plan
-from .schedules import Schedule
+from .forecast import KeyFrontiers, signal_levels
+from .plan import Plan
 
-if TYPE_CHECKING:
-    from .capture import CallKey
-    from .parallel import Chunk
+__all__ = ["PlanFollower", "Generation", "TimestepSource", "StepParts"]
 
-__all__ = ["PlanFollower", "Generation", "TimestepSource"]
+#: () -> the scheduler of the current generation (its ``timesteps``, ``begin_index``,
+#: ``config.num_train_timesteps`` and signal levels are read when it sets new timesteps)
+TimestepSource = Callable[[], Any]
 
-#: () -> (timesteps tensor or None, begin index or None, num_train_timesteps or None)
-TimestepSource = Callable[[], tuple[Any, Any, Any]]
+
+class StepCall(Protocol):
+    """A UNet call as the step function sees it (:class:`fxprop.capture.FlatCall` is one)."""
+
+    key: Any                         # its signature: frontiers of another are never reused
+    tensors: list[torch.Tensor]      # its tensor inputs, in the parts' order
+
+
+class StepParts(Protocol):
+    """The two parts the step function runs (:class:`fxprop.split.Parts` is one)."""
+
+    full: Callable[..., Sequence[torch.Tensor]]   # all inputs -> (*outputs, *frontier)
+    step: Callable[..., Sequence[torch.Tensor]]   # (*step inputs, *frontier) -> outputs
+    step_inputs: list[int]                        # the call's tensors the step part reads
+    num_outputs: int
 
 
 @dataclass
@@ -38,26 +56,42 @@ class Generation:
     source: Any                     # the timesteps tensor planned from (compared by identity)
     begin: int = 0                  # index of step 0 in ``source``
     step: int = 0                   # the next step to run
-    frontier: tuple | None = None
-    frontier_key: CallKey | None = None
     off_plan: bool = False
-    chunk: Chunk | None = None      # parallel mode: outputs of the current chunk of steps
-    timesteps: torch.Tensor | None = None  # parallel mode: the plan's, on the call's device
+    frontiers: KeyFrontiers = None  # type: ignore[assignment]  # the last key frontiers
+
+    def __post_init__(self) -> None:
+        if self.frontiers is None:
+            self.frontiers = KeyFrontiers(self.plan.forecast + 1)
+
+    def leave_plan(self) -> None:
+        """Run the whole UNet for the rest of this generation; release the cached state."""
+        self.off_plan = True
+        self.frontiers.clear()
+
+    def match(self, timestep: Any) -> str | None:
+        """Make ``step`` the step of a call with ``timestep``; None, or why it is off-plan.
+
+        Here calls follow the plan in order, one per step (diffusers pipelines and loops);
+        :class:`fxprop.grid.GridGeneration` maps them by value (k-diffusion samplers)."""
+        if self.step >= len(self.plan) or not _matches(timestep, self, self.begin + self.step):
+            return (f"UNet call {self.step} does not match the plan of {len(self.plan)} "
+                    "steps (unexpected timestep or call order)")
+        return None
 
 
 class PlanFollower(nn.Module):
-    """Base of modules that run one UNet call per planned step (see the module docstring)."""
+    """Base of modules that run one UNet call per planned step (see the module docstring).
+
+    Subclasses set ``policy`` (a :class:`fxprop.config.Policy`): plans are made by it.
+    """
+
+    policy: Any
 
     def __init__(self, timestep_source: TimestepSource | None = None) -> None:
         super().__init__()
-        self._source = timestep_source
+        self.timestep_source = timestep_source
         self._generation: Generation | None = None
         self._warned = False
-
-    @property
-    def schedule(self) -> Schedule:
-        """The key-step schedule plans are made with."""
-        raise NotImplementedError
 
     @property
     def plan(self) -> Plan | None:
@@ -69,12 +103,46 @@ class PlanFollower(nn.Module):
         return 0 if self._generation is None else self._generation.step
 
     def set_timesteps(self, timesteps: torch.Tensor, num_train_timesteps: int | None = None,
-                      begin: int = 0) -> Plan:
-        """Start a generation over ``timesteps[begin:]``; returns its plan."""
-        plan = make_plan(timesteps[begin:], self.schedule, num_train_timesteps)
+                      begin: int = 0, signal: Sequence[float] | None = None) -> Plan:
+        """Start a generation over ``timesteps[begin:]``; returns its plan.
+
+        ``signal``: ``sqrt(alpha_bar)`` of every entry of ``timesteps``
+        (``fxprop.signal_levels(scheduler)``), needed by forecasts in that variable.
+        """
+        plan = self.policy.plan(timesteps[begin:], num_train_timesteps,
+                                None if signal is None else list(signal)[begin:])
         self._warned = False  # warn once per generation
-        self._generation = Generation(plan, timesteps, begin)
+        self._generation = self._new_generation(plan, timesteps, begin)
         return plan
+
+    def set_sigmas(self, sigmas: torch.Tensor, model_wrap: Any) -> Plan:
+        """Start a generation of a k-diffusion sampler over the grid ``sigmas``; returns its
+        plan (one step per grid point but the last, key steps index them).
+
+        ``model_wrap``: the sampler's model wrapper (``CompVisDenoiser``,
+        ``DiscreteEpsDDPMDenoiser``, anything with ``sigma_to_t``): the grid's timesteps are
+        ``model_wrap.sigma_to_t(sigmas[:-1])``, and each call is mapped to a grid step by the
+        timestep the UNet receives (see :mod:`fxprop.grid`), so Heun's and DPM2's second
+        calls and DPM++ 2S/SDE midpoints belong to a step. Forecasts in the signal variable
+        use ``1 / sqrt(1 + sigma^2)``. Raises ``ValueError`` in parallel mode (its batched
+        steps assume one call per step) and for a grid whose timesteps do not decrease."""
+        from .grid import GridGeneration, sigma_grid  # grid.py builds on this module
+
+        if self.policy.batches:
+            raise ValueError("parallel mode batches a segment's steps assuming one UNet call "
+                             "per step, but k-diffusion samplers may call it several times per "
+                             "grid step: use parallel=False with set_sigmas")
+        grid, end = sigma_grid(sigmas, model_wrap)
+        signal = (1 / (1 + torch.as_tensor(sigmas).flatten()[:-1].double().cpu() ** 2).sqrt())
+        train = getattr(model_wrap, "sigmas", None)
+        plan = self.policy.plan(grid, len(train) if isinstance(train, torch.Tensor) else None,
+                                signal.tolist() if self.policy.needs_signal else None)
+        self._warned = False
+        self._generation = GridGeneration(plan, sigmas, end=end)
+        return plan
+
+    def _new_generation(self, plan: Plan, source: Any, begin: int) -> Generation:
+        return Generation(plan, source, begin)
 
     def reset(self) -> None:
         """Forget the current generation (plan and cached frontier)."""
@@ -83,14 +151,18 @@ class PlanFollower(nn.Module):
 
     def _sync(self, timestep: Any) -> None:
         """Start a new generation if the timestep source was set anew since the last plan."""
-        if self._source is None:
+        if self.timestep_source is None:
             return
-        timesteps, begin, horizon = self._source()
+        scheduler = self.timestep_source()
+        timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is None or (self._generation and self._generation.source is timesteps):
             return
+        begin = getattr(scheduler, "begin_index", None)
         if begin is None:
             begin = _first_index(timesteps, timestep)
-        self.set_timesteps(timesteps, horizon, begin)
+        signal = signal_levels(scheduler) if self.policy.needs_signal else None
+        self.set_timesteps(timesteps, getattr(scheduler.config, "num_train_timesteps", None),
+                           begin, signal)
 
     def _warn(self, reason: str) -> None:
         if not self._warned:
@@ -103,16 +175,48 @@ class PlanFollower(nn.Module):
         self._sync(timestep)
         gen = self._generation
         if gen is None:
-            self._warn("no plan: call set_timesteps(...) before the loop")
+            self._warn("no plan: call set_timesteps(...) before the loop (set_sigmas(sigmas, "
+                       "model_wrap) before a k-diffusion sampler; adaptive-step samplers, "
+                       "sample_dpm_adaptive and sample_dpm_fast, have no grid to plan on)")
             return None
         if gen.off_plan:
             return None
-        if gen.step >= len(gen.plan) or not _matches(timestep, gen, gen.begin + gen.step):
-            gen.off_plan, gen.frontier, gen.chunk = True, None, None
-            self._warn(f"UNet call {gen.step} does not match the plan of {len(gen.plan)} "
-                       "steps (unexpected timestep or call order)")
+        reason = gen.match(timestep)
+        if reason is not None:
+            gen.leave_plan()
+            self._warn(reason)
             return None
         return gen
+
+    # -- the step function ---------------------------------------------------------------------
+
+    def run_planned(self, gen: Generation, call: StepCall, parts: StepParts) -> tuple | None:
+        """Run the next planned step of ``gen`` for ``call``.
+
+        Returns its outputs, or None if it cannot follow the plan (a non-key step whose
+        inputs have another signature than its key step's): then the caller runs the whole
+        UNet and the generation is off-plan.
+        """
+        step, gen.step = gen.step, gen.step + 1
+        if gen.plan.is_key[step]:
+            return self._key_step(gen, step, call, parts)
+        if not gen.frontiers.has(call.key):
+            gen.leave_plan()
+            self._warn(f"UNet call {step} has other inputs than its key step")
+            return None
+        return self._reuse_step(gen, step, call, parts)
+
+    def _key_step(self, gen: Generation, step: int, call: StepCall, parts: StepParts) -> tuple:
+        """Run the whole UNet, keeping the frontier (parallel mode extends this)."""
+        out = parts.full(*call.tensors)
+        gen.frontiers.add(step, call.key, out[parts.num_outputs:])
+        return tuple(out[: parts.num_outputs])
+
+    def _reuse_step(self, gen: Generation, step: int, call: StepCall,
+                    parts: StepParts) -> tuple:
+        """Run the every-step part on the planned (reused or forecast) frontier."""
+        frontier = gen.frontiers.at(step, gen.plan.weights[step])
+        return tuple(parts.step(*[call.tensors[i] for i in parts.step_inputs], *frontier))
 
     def next_is_key(self, timestep: Any) -> bool:
         """Whether the next call with ``timestep`` computes the cut part (used by adapters)."""

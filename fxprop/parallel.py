@@ -25,12 +25,14 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from .capture import _TENSOR, FlatCall, flatten_call
+from .capture import TENSOR, FlatCall, flatten_call
+from .follow import Generation
+from .graph import placeholders
 from .plan import Segment
 from .split import Parts
 
 __all__ = ["steps_per_call", "chunk_at", "repeat_batch", "timestep_vector", "repeated_call",
-           "batched_inputs", "check_batched", "Inputs", "Chunk"]
+           "batched_inputs", "check_batched", "Inputs", "Chunk", "BatchedGeneration"]
 
 
 def steps_per_call(max_batch: int | None, batch: int, segment: Segment) -> int:
@@ -80,7 +82,7 @@ def repeated_call(forward: Callable, call: FlatCall, times: int, timestep_index:
     batch = call.tensors[0].shape[0]
     tensors = iter(batched_inputs(call, range(len(call.tensors)), batch, times,
                                   timestep_index, timesteps))
-    leaves = [next(tensors) if leaf is _TENSOR else leaf for leaf in call.template]
+    leaves = [next(tensors) if leaf is TENSOR else leaf for leaf in call.template]
     return flatten_call(forward, (), pytree.tree_unflatten(leaves, call.spec))
 
 
@@ -101,8 +103,8 @@ def batched_inputs(call: FlatCall, indices: Any, batch: int, times: int,
 
 def _frontier_shapes(parts: Parts) -> list[tuple[int, ...] | None]:
     """Shapes of the frontier inputs of ``parts.step`` from the capture's metadata."""
-    placeholders = [n for n in parts.step.graph.nodes if n.op == "placeholder"]
-    vals = [n.meta.get("val") for n in placeholders[len(parts.step_inputs):]]
+    inputs = placeholders(parts.step.graph)
+    vals = [n.meta.get("val") for n in inputs[len(parts.step_inputs):]]
     return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
 
 
@@ -166,3 +168,22 @@ class Chunk:
         """The outputs of ``step`` (views of the batched outputs)."""
         j = step - self.steps.start
         return tuple(o[j * self.batch:(j + 1) * self.batch] for o in self.outputs)
+
+
+@dataclass
+class BatchedGeneration(Generation):
+    """A generation in parallel mode: also the outputs of its current chunk of steps."""
+
+    chunk: Chunk | None = None
+    timesteps: torch.Tensor | None = None  # the plan's, on the calls' device and dtype
+
+    def timesteps_like(self, like: torch.Tensor) -> torch.Tensor:
+        """The plan's timesteps as a tensor like ``like`` (one host-to-device copy)."""
+        if self.timesteps is None:
+            self.timesteps = torch.tensor(self.plan.timesteps, dtype=torch.float64).to(
+                like.dtype).to(like.device)
+        return self.timesteps
+
+    def leave_plan(self) -> None:
+        super().leave_plan()
+        self.chunk = None

@@ -38,17 +38,20 @@ class PipelineAdapter:
     pipe: Any
     runtime: AcceleratedUNet
     original_class: type
-    original_unet: nn.Module
     prior_noise: float
     controlnet_class: type | None = None
     active: bool = False            # inside this pipeline's __call__
     initial_latents: torch.Tensor | None = field(default=None, repr=False)
 
     def timesteps(self) -> tuple[Any, Any, Any]:
-        """The runtime's timestep source: read the scheduler the pipeline has now."""
-        scheduler = self.pipe.scheduler
+        """The scheduler's timesteps, begin index and training horizon (each may be None)."""
+        scheduler = self.scheduler()
         return (getattr(scheduler, "timesteps", None), getattr(scheduler, "begin_index", None),
                 getattr(scheduler.config, "num_train_timesteps", None))
+
+    def scheduler(self) -> Any:
+        """The runtime's timestep source: the scheduler the pipeline has now."""
+        return self.pipe.scheduler
 
     def begin(self) -> None:
         self.runtime.reset()
@@ -179,8 +182,8 @@ def accelerate_pipeline(pipe: Any, policy: Policy, explicit_prior_noise: bool,
     cls = type(pipe)
     prior_noise = _resolve_prior_noise(cls, policy, explicit_prior_noise)
     runtime = AcceleratedUNet(pipe.unet, policy, compile=compile)
-    adapter = PipelineAdapter(pipe, runtime, cls, pipe.unet, prior_noise)
-    runtime._source = adapter.timesteps
+    adapter = PipelineAdapter(pipe, runtime, cls, prior_noise)
+    runtime.timestep_source = adapter.scheduler
     methods = {"__call__": _call}
     if hasattr(cls, "prepare_latents"):
         methods["prepare_latents"] = _prepare_latents
@@ -208,7 +211,7 @@ def restore_pipeline(pipe: Any) -> Any:
                          "nothing to restore")
     pipe.__class__ = adapter.original_class
     del pipe.__dict__[_ATTR]
-    pipe.unet = adapter.original_unet
+    pipe.unet = adapter.runtime.unet
     if adapter.controlnet_class is not None:
         pipe.controlnet.__class__ = adapter.controlnet_class
         del pipe.controlnet.__dict__[_ATTR]

@@ -1,10 +1,12 @@
 """The runtime: a module with the UNet's own call signature that follows a plan.
 
 :class:`AcceleratedUNet` captures the UNet once per input signature, splits it with the
-policy's cut, and at every call runs either the full graph (key step: output and frontier) or
-the every-step part on the cached frontier. The frontier is its only cross-step state (plus,
-in parallel mode, the outputs of the current chunk of steps: see :mod:`fxprop.parallel`). Any
-call that does not match the plan runs the whole UNet, which is always correct, and warns once.
+policy's cut, and at every call runs the step function of :class:`~fxprop.follow.PlanFollower`:
+the full graph at a key step (output and frontier), else the every-step part on the cached or
+forecast frontier. Its cross-step state belongs to the current generation: the last key
+frontiers (see :mod:`fxprop.forecast`) and, in parallel mode, the outputs of the current chunk
+of steps (see :mod:`fxprop.parallel`). Any call that does not match the plan runs the whole
+UNet, which is always correct, and warns once.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from torch.profiler import record_function
 from .capture import CallKey, Captured, FlatCall, capture, flatten_call
 from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
-from .follow import PlanFollower, TimestepSource, Generation
-from .parallel import (Chunk, Inputs, batched_inputs, check_batched, chunk_at, repeat_batch,
+from .follow import Generation, PlanFollower, TimestepSource
+from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
                        repeated_call, steps_per_call, timestep_vector)
+from .plan import Plan
 from .regions import resolve_layout
-from .schedules import Schedule
 from .split import Parts, split
 
 __all__ = ["AcceleratedUNet", "TimestepSource"]
@@ -40,11 +42,11 @@ class AcceleratedUNet(PlanFollower):
         self.unet = unet
         self.policy = policy
         self.compile_options = compile_options(compile)
-        self.layout = resolve_layout(unet, getattr(policy, "regions", None))
+        self.layout = resolve_layout(unet, policy.regions)
         policy.validate(unet)
         self._captured: dict[CallKey, tuple[Captured, Parts]] = {}
         self._batched: dict[tuple[CallKey, int], Parts] = {}
-        self._timestep_name = list(inspect.signature(unet.forward).parameters)[1]
+        self._timestep_name = _timestep_name(unet)
 
     def __getattr__(self, name: str) -> Any:
         # Pipelines read ``unet.config``, ``unet.dtype``, ``unet.add_embedding`` ...
@@ -63,24 +65,24 @@ class AcceleratedUNet(PlanFollower):
         """A runtime of the same UNet with ``policy``; it shares this one's captured graphs
         when both cut alike (same reuse mode, branch and layout), so re-planning costs no new
         capture."""
-        other = AcceleratedUNet(self.unet, policy, self._source, self.compile_options)
-        same_cut = (type(policy) is type(self.policy) and other.layout == self.layout
-                    and getattr(policy, "branch", None) == getattr(self.policy, "branch", None))
-        if same_cut:
+        other = AcceleratedUNet(self.unet, policy, self.timestep_source, self.compile_options)
+        if policy.cut_id == self.policy.cut_id and other.layout == self.layout:
             other._captured, other._batched = self._captured, self._batched
         return other
 
-    def clear_cache(self) -> None:
+    @property
+    def captures(self) -> int:
+        """How many call signatures have a captured graph (batched ones of parallel mode
+        included)."""
+        return len(self._captured)
+
+    def clear_captures(self) -> None:
         """Drop every captured graph (and the generation). Needed after changing the UNet in a
         way its graphs baked in (attention processors, FreeU, new LoRA scales); the methods
         that do so are called through this module and clear it themselves (``MUTATORS``)."""
         self._captured.clear()
         self._batched.clear()
         self.reset()
-
-    @property
-    def schedule(self) -> Schedule:
-        return self.policy.schedule
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -103,65 +105,60 @@ class AcceleratedUNet(PlanFollower):
         if gen is None:
             return self.unet(*args, **kwargs)
         captured, parts = self.parts_for(call)  # may raise: then the step is not consumed
-        step, gen.step = gen.step, gen.step + 1
-        if gen.plan.is_key[step]:
-            out = self._key_step(gen, step, call, parts)
-        elif gen.frontier is None or gen.frontier_key != call.key:
-            gen.off_plan, gen.frontier, gen.chunk = True, None, None
-            self._warn(f"UNet call {step} has other inputs than its key step")
+        out = self.run_planned(gen, call, parts)
+        if out is None:
             return self.unet(*args, **kwargs)
-        else:
-            out = self._reuse_step(gen, step, call, parts)
         return pytree.tree_unflatten(list(out), captured.out_spec)
+
+    # -- parallel mode: the step function's key and reuse steps, batched -------------------------
+
+    def _new_generation(self, plan: Plan, source: Any, begin: int) -> Generation:
+        if self.policy.batches:
+            return BatchedGeneration(plan, source, begin)
+        return super()._new_generation(plan, source, begin)
 
     def _key_step(self, gen: Generation, step: int, call: FlatCall, parts: Parts) -> tuple:
         """Compute the frontier, and the output of this step (of its chunk in parallel mode)."""
-        gen.frontier_key, gen.chunk = call.key, None
         steps = self._chunk(gen, step, call)
         if steps is None or len(steps) == 1:
             with record_function("fxprop.full"):
-                out = parts.full(*call.tensors)
-            gen.frontier = out[parts.num_outputs:]
-            return out[: parts.num_outputs]
+                return super()._key_step(gen, step, call, parts)
         with record_function("fxprop.key"):
-            gen.frontier = parts.key(*[call.tensors[i] for i in parts.key_inputs])
+            gen.frontiers.add(step, call.key,
+                              parts.key(*[call.tensors[i] for i in parts.key_inputs]))
         return self._run_chunk(gen, steps, call, parts)
 
     def _reuse_step(self, gen: Generation, step: int, call: FlatCall, parts: Parts) -> tuple:
-        """The output of a non-key step from the cached frontier."""
-        if gen.chunk is not None and step in gen.chunk.steps and gen.chunk.inputs.same_as(call):
-            return gen.chunk.take(step)
+        """The output of a non-key step from the cached (or forecast) frontier."""
+        if isinstance(gen, BatchedGeneration) and gen.chunk is not None:
+            if step in gen.chunk.steps and gen.chunk.inputs.same_as(call):
+                return gen.chunk.take(step)
         steps = self._chunk(gen, step, call)
         if steps is not None and len(steps) > 1:
             return self._run_chunk(gen, steps, call, parts)
         # Sequential mode, a chunk of one step, or inputs changed since the chunk was computed
         # (e.g. a callback replaced the prompt embeddings): this step alone, still exact.
         with record_function("fxprop.step"):
-            return parts.step(*[call.tensors[i] for i in parts.step_inputs], *gen.frontier)
-
-    # -- parallel mode -------------------------------------------------------------------------
+            return super()._reuse_step(gen, step, call, parts)
 
     def _chunk(self, gen: Generation, step: int, call: FlatCall) -> range | None:
         """In parallel mode, the steps computed in one call from ``step`` if a chunk starts
         there; else None."""
-        if not getattr(self.policy, "parallel", False):
+        if not self.policy.batches:
             return None
         segment = gen.plan.segment_of(step)
-        per_call = steps_per_call(getattr(self.policy, "max_batch", None), _batch(call), segment)
+        per_call = steps_per_call(self.policy.max_batch, _batch(call), segment)
         return chunk_at(segment, step, per_call)
 
-    def _run_chunk(self, gen: Generation, steps: range, call: FlatCall, parts: Parts) -> tuple:
+    def _run_chunk(self, gen: BatchedGeneration, steps: range, call: FlatCall,
+                   parts: Parts) -> tuple:
         """Run the every-step part once for ``steps`` and keep the outputs; return the first."""
         batch, times, t_index = _batch(call), len(steps), self._timestep_index(call)
-        if gen.timesteps is None:  # one host-to-device copy per generation
-            like = call.tensors[t_index]
-            gen.timesteps = torch.tensor(gen.plan.timesteps, dtype=torch.float64).to(
-                like.dtype).to(like.device)
-        timesteps = timestep_vector(gen.timesteps, steps, batch)
+        timesteps = timestep_vector(gen.timesteps_like(call.tensors[t_index]), steps, batch)
         batched = self._batched_parts(call, parts, times, timesteps)
         with record_function(f"fxprop.step[x{times}]"):  # with the repeats: all a chunk costs
             inputs = batched_inputs(call, batched.step_inputs, batch, times, t_index, timesteps)
-            frontier = [repeat_batch(f, times) for f in gen.frontier]
+            frontier = gen.frontiers.batched(steps, [gen.plan.weights[s] for s in steps])
             outputs = batched.step(*inputs, *frontier)
             del inputs, frontier
         every_step = [i for i in parts.step_inputs if i != t_index]
@@ -199,8 +196,17 @@ def _clearing(method: Any, runtime: "AcceleratedUNet") -> Any:
         try:
             return method(*args, **kwargs)
         finally:
-            runtime.clear_cache()
+            runtime.clear_captures()
     return call
+
+
+def _timestep_name(unet: nn.Module) -> str:
+    """The name of the UNet's second ``forward`` parameter, the timestep."""
+    names = list(inspect.signature(unet.forward).parameters)
+    if len(names) < 2:
+        raise TypeError(f"fxprop accelerates UNets called as forward(sample, timestep, ...); "
+                        f"{type(unet).__name__}.forward takes {names}")
+    return names[1]
 
 
 def _batch(call: FlatCall) -> int:

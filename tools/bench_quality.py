@@ -2,6 +2,7 @@
 
     python tools/bench.py --quality                      # 20 samples per digit per policy
     python tools/bench_quality.py --per-digit 30 --plot pareto.png
+    python tools/bench_quality.py --forecast --per-digit 10   # reuse vs forecast, same key steps
 
 Every policy generates the same labels from the same seeds as the plain pipeline (50 DDIM
 steps, the model's guidance). Batches run interleaved across policies, so drifts of this
@@ -50,6 +51,19 @@ def policies(unet: torch.nn.Module) -> dict[str, dict | None]:
     return sweep
 
 
+def forecast_policies(unet: torch.nn.Module) -> dict[str, dict | None]:
+    """Reuse beside forecast orders 1 and 2 at the same key steps: deep (branch 0) every 2-8
+    steps, encoder propagation every 3 and the faster-diffusion preset (prior noise off)."""
+    sweep: dict[str, dict | None] = {"plain": None}
+    bases = {f"deep N={n} b=0": dict(reuse="deep", key_steps=n, branch=0) for n in range(2, 9)}
+    bases.update({"encoder N=3": dict(key_steps=3, prior_noise=0),
+                  "encoder fd": dict(key_steps="faster-diffusion", prior_noise=0)})
+    for name, options in bases.items():
+        for order, label in enumerate(("reuse", "f1", "f2")):
+            sweep[f"{name} {label}"] = dict(options, forecast=order)
+    return sweep
+
+
 def _valid_branch(unet: torch.nn.Module, branch: int) -> bool:
     try:
         fxprop.DeepCache(branch=branch).validate(unet)
@@ -73,7 +87,7 @@ def sample(pipe: Any, labels: list[int], seed: int, steps: int) -> torch.Tensor:
                 generator=torch.Generator().manual_seed(seed)).images
 
 
-def run(rows: list[Row], labels: list[int], batch: int, steps: int) -> None:
+def run(rows: list[Row], labels: list[int], batch: int, steps: int, seed: int) -> None:
     """Warm up and count FLOPs per policy, then sample all labels, batches interleaved."""
     for row in rows:
         sample(row.pipe, list(range(10)), 0, steps)  # capture outside the timed runs
@@ -82,7 +96,7 @@ def run(rows: list[Row], labels: list[int], batch: int, steps: int) -> None:
     for b, chunk in enumerate(tqdm(batches, desc="batches (all policies)")):
         for row in rows:
             start = time.perf_counter()
-            row.images.append(sample(row.pipe, chunk, 1000 + b, steps))
+            row.images.append(sample(row.pipe, chunk, seed + b, steps))
             row.seconds += time.perf_counter() - start
 
 
@@ -101,12 +115,20 @@ def score(rows: list[Row], labels: list[int]) -> None:
 
 
 def print_table(rows: list[Row]) -> None:
+    """One line per policy; forecast rows also give their PSNR gain and time ratio over the
+    reuse row of the same key steps (``+dB``, ``t/reuse``)."""
     print(f"{'policy':<24}{'speedup':>8}{'FLOP-ideal':>11}{'PSNR dB':>9}{'max err':>9}"
-          f"{'accuracy':>10}{'FD':>8}")
+          f"{'accuracy':>10}{'FD':>8}{'+dB':>7}{'t/reuse':>9}")
+    by_name = {row.name: row for row in rows}
     for row in rows:
         m = row.metrics
+        reuse = by_name.get(row.name.rsplit(" ", 1)[0] + " reuse")
+        versus = ""
+        if reuse is not None and reuse is not row:
+            versus = (f"{m['psnr'] - reuse.metrics['psnr']:>+7.1f}"
+                      f"{row.seconds / reuse.seconds:>9.3f}")
         print(f"{row.name:<24}{m['speedup']:>8.2f}{m['ideal']:>11.2f}{m['psnr']:>9.1f}"
-              f"{m['max_error']:>9.3f}{m['accuracy']:>10.1%}{m['fd']:>8.2f}")
+              f"{m['max_error']:>9.3f}{m['accuracy']:>10.1%}{m['fd']:>8.2f}{versus}")
     for target in (1.5, 2.0):
         fast = [r for r in rows if r.metrics["speedup"] >= target]
         best = min(fast, key=lambda r: r.metrics["fd"], default=None)
@@ -121,9 +143,11 @@ def plot(rows: list[Row], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    styles = {"plain": ("*", "black"), "encoder": ("o", "tab:blue"), "deep": ("s", "tab:orange")}
+    styles = {"plain": ("*", "black"), "encoder": ("o", "tab:blue"), "deep": ("s", "tab:orange"),
+              "f1": ("^", "tab:green"), "f2": ("v", "tab:red")}
     for row in rows:
-        kind = row.name.split()[0]
+        last = row.name.split()[-1]
+        kind = last if last in ("f1", "f2") else row.name.split()[0]
         marker, color = styles[kind]
         ax.scatter(row.metrics["speedup"], row.metrics["fd"], marker=marker, color=color, s=60,
                    label=kind if kind not in ax.get_legend_handles_labels()[1] else None)
@@ -145,11 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100, help="samples per pipeline call")
     parser.add_argument("--plot", default="bench-quality.png")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--forecast", action="store_true",
+                        help="sweep reuse vs forecast orders 1 and 2 at the same key steps")
+    parser.add_argument("--seed", type=int, default=1000,
+                        help="seed of the first batch (the forecast sweep's default, 7000, "
+                             "is used nowhere else)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = load_digits_pipeline()
     rows = []
-    for name, options in policies(base.unet).items():
+    sweep = forecast_policies if args.forecast else policies
+    seed = 7000 if args.forecast and args.seed == 1000 else args.seed
+    for name, options in sweep(base.unet).items():
         pipe = type(base)(**base.components)
         pipe.set_progress_bar_config(disable=True)
         if options is not None:
@@ -158,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = [d for _ in range(args.per_digit) for d in range(10)]
     print(f"digits model: {len(rows)} policies x {len(labels)} samples, {args.steps} DDIM steps")
     with torch.no_grad():
-        run(rows, labels, args.batch, args.steps)
+        run(rows, labels, args.batch, args.steps, seed)
     score(rows, labels)
     print_table(rows)
     plot(rows, args.plot)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import weakref
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,6 +27,12 @@ SCHEDULERS = {
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                     beta_schedule="scaled_linear")
 TEXT_DIM = 32
+
+
+def scheduler_params(names=SCHEDULERS, fast=("ddim",)) -> list:
+    """``names`` as pytest params; all but ``fast`` are marked slow: the inner loop
+    (``-m "not slow"``) covers each pipeline with DDIM, CI covers every scheduler."""
+    return [pytest.param(name, marks=() if name in fast else pytest.mark.slow) for name in names]
 
 
 def make_scheduler(name: str):
@@ -99,6 +107,82 @@ def ddpm_pipeline():
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
 
 
+def decoder_attn_unet(seed: int = 0) -> UNet2DConditionModel:
+    """The tiny UNet with cross-attention in its decoder only: a third of ``sd_unet``'s capture
+    time, and the every-step part still reads the conditioning."""
+    return sd_unet(seed, down_block_types=("DownBlock2D", "DownBlock2D"),
+                   mid_block_type="UNetMidBlock2D",
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+# -- a hand-written sampling loop on a bare UNet -------------------------------------------------
+
+LOOP_TIMESTEPS = torch.tensor([999, 799, 599, 399, 199, 99])
+
+
+def loop_inputs(seed: int = 0, batch: int = 2) -> tuple[torch.Tensor, dict]:
+    """A latent per step of ``LOOP_TIMESTEPS`` (``sd_unet``'s shape) and the conditioning."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(len(LOOP_TIMESTEPS), batch, 4, 8, 8, generator=g),
+            {"encoder_hidden_states": torch.randn(batch, 5, TEXT_DIM, generator=g)})
+
+
+def sample_of(out):
+    """The predicted tensor of any UNet's output (tensor, BaseOutput or tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+@torch.no_grad()
+def run_loop(model, latents: torch.Tensor, kwargs: dict, edit=None) -> torch.Tensor:
+    """One generation over ``LOOP_TIMESTEPS`` with a different latent at every step (non-key
+    steps must not read it); ``edit(step, encoder_hidden_states)`` may change the conditioning
+    before a step. ``model`` is an AcceleratedUNet or a loaded export."""
+    model.set_timesteps(LOOP_TIMESTEPS)
+    outs = []
+    for i, t in enumerate(LOOP_TIMESTEPS):
+        if edit is not None:
+            kwargs = {**kwargs, "encoder_hidden_states": edit(i, kwargs["encoder_hidden_states"])}
+        outs.append(sample_of(model(latents[i], t, **kwargs)))
+    return torch.stack(outs)
+
+
+# -- assertions ------------------------------------------------------------------------------------
+
+def assert_differs(actual, expected, atol: float, what: str = "outputs") -> None:
+    """``actual`` and ``expected`` differ by more than ``atol`` somewhere: proves that a
+    comparison elsewhere in the test is not vacuous (e.g. features really were reused)."""
+    diff = torch.as_tensor(actual - expected).abs().max().item()
+    assert diff > atol, f"{what} should differ by more than {atol}, max |diff| is {diff}"
+
+
+# -- captures shared between runtimes (test_models.py, test_deep.py) --------------------------
+
+@contextlib.contextmanager
+def shared_captures():
+    """Capture is a pure function of UNet and call signature: share it between the runtimes
+    of one UNet (each ``fxprop.accelerate`` of a UNet otherwise captures it anew).
+
+    Patches ``fxprop.runtime.capture``, a library internal: to be replaced by a public API
+    (captures cached per UNet, or ``with_policy`` sharing captures across cuts)."""
+    import fxprop.capture
+    import fxprop.runtime
+
+    memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    real = fxprop.capture.capture
+
+    def capture(unet, call):
+        per_unet = memo.setdefault(unet, {})
+        if call.key not in per_unet:
+            per_unet[call.key] = real(unet, call)
+        return per_unet[call.key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fxprop.runtime, "capture", capture)
+        yield

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import fxprop
-from conftest import controlnet_pipeline, ddpm_pipeline, sd_pipeline, sd_unet, text_embeds
+from conftest import (assert_differs, controlnet_pipeline, ddpm_pipeline, sd_pipeline, sd_unet,
+                      text_embeds)
 
 CALL = dict(guidance_scale=5.0, height=16, width=16, num_inference_steps=8, output_type="latent")
 
@@ -74,9 +75,9 @@ def test_prior_noise_injection_matches_a_hand_written_callback():
     record = lambda p, i, t, kwargs: seen.append(i) or {}  # the user's callback still runs
     out = _run(pipe, latents=z, callback_on_step_end=record)
     assert seen == list(range(CALL["num_inference_steps"]))
-    assert (out - reference).abs().max().item() <= 1e-5
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
     without = fxprop.accelerate(pipe, key_steps=1, prior_noise=0)
-    assert (_run(without, latents=z) - reference).abs().max().item() > 1e-4
+    assert_differs(_run(without, latents=z), reference, 1e-4, "without prior noise")
 
 
 def test_prior_noise_needs_callbacks():

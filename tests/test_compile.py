@@ -11,18 +11,15 @@ import torch
 from torch._dynamo.utils import counters
 
 import fxprop
-from conftest import sd_unet
+from conftest import decoder_attn_unet, loop_inputs, run_loop
 
-TIMESTEPS = torch.tensor([999, 799, 599, 399, 199, 99])
-KEYS = [0, 2, 3]            # segments [0 1] [2] [3 4 5]: chunk lengths 2, 1 and 3
+KEYS = [0, 2, 3]            # LOOP_TIMESTEPS' segments [0 1] [2] [3 4 5]: chunks of 2, 1 and 3
 TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
 def unet():
-    return sd_unet(down_block_types=("DownBlock2D", "DownBlock2D"),
-                   mid_block_type="UNetMidBlock2D",
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return decoder_attn_unet()
 
 
 @pytest.fixture(autouse=True)
@@ -34,13 +31,7 @@ def fresh_dynamo():
 
 
 def _loop(runtime, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(len(TIMESTEPS), 2, 4, 8, 8, generator=g)
-    embeds = torch.randn(2, 5, 32, generator=g)
-    runtime.set_timesteps(TIMESTEPS)
-    with torch.no_grad():
-        return torch.stack([runtime(latents[i], t, encoder_hidden_states=embeds).sample
-                            for i, t in enumerate(TIMESTEPS)])
+    return run_loop(runtime, *loop_inputs(seed))
 
 
 def _graphs() -> int:
@@ -50,7 +41,8 @@ def _graphs() -> int:
 
 @pytest.mark.parametrize("parallel, expected_graphs", [
     (False, 2),   # full (key steps) and step (the others), both at batch 2
-    (True, 4),    # full (segment of 1), key, and step at batch 2 x 2 and 2 x 3
+    pytest.param(True, 4, marks=pytest.mark.slow),  # full (segment of 1), key, and step at
+                                                    # batch 2 x 2 and 2 x 3
 ])
 def test_parts_compile_whole_once_per_shape_and_equal_eager(unet, parallel, expected_graphs):
     eager = fxprop.accelerate(unet, key_steps=KEYS, parallel=parallel)
@@ -60,19 +52,20 @@ def test_parts_compile_whole_once_per_shape_and_equal_eager(unet, parallel, expe
     first = _loop(compiled)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert _graphs() == expected_graphs  # not one per step: timesteps are graph inputs
-    assert (first - reference).abs().max().item() <= TOLERANCE
+    torch.testing.assert_close(first, reference, rtol=0, atol=TOLERANCE)
     second = _loop(compiled, seed=1)  # a new generation of the same shapes
     assert _graphs() == expected_graphs
-    assert (second - _loop(eager, seed=1)).abs().max().item() <= TOLERANCE
+    torch.testing.assert_close(second, _loop(eager, seed=1), rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_inductor_generation_equals_eager(unet):
     """One real compile with inductor's C++ backend (about a minute on 2 cores)."""
     eager = fxprop.accelerate(unet, key_steps=[0, 3])
     compiled = fxprop.accelerate(unet, key_steps=[0, 3], compile=True)
     candidate = _loop(compiled)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert (candidate - _loop(eager)).abs().max().item() <= TOLERANCE
+    torch.testing.assert_close(candidate, _loop(eager), rtol=0, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize("value, error", [

@@ -16,25 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxprop
-from conftest import ddpm_pipeline, make_scheduler, sd_unet
+from conftest import (LOOP_TIMESTEPS, assert_differs, ddpm_pipeline, decoder_attn_unet,
+                      loop_inputs, make_scheduler, run_loop, scheduler_params)
 from fxprop.capture import flatten_call
 from fxprop.parallel import chunk_at, steps_per_call
 from fxprop.plan import Segment
 from test_pipelines import CASES, STEPS
 
-SCHEDULERS = ["ddim", "pndm", "euler", "euler_a", "dpm++", "unipc", "lcm", "heun"]
 KEY_STEPS = [0, 2, 3]
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The 2 cores are shared with other jobs: two spinning OpenMP threads per process then
-    make these tiny models 10-50x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _profiled(generate):
@@ -83,7 +73,8 @@ def _batch(case: str) -> int:
     return 4 if case == "sd-nocfg-batch" else 2
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=[  # the inner loop covers one pipeline, CI every one
+    pytest.param(case, marks=() if case == "sd-cfg" else pytest.mark.slow) for case in sorted(CASES)])
 def pipe(request):
     """An accelerated pipeline with a sparse key set, prior noise and chunks of 2 steps."""
     factory, kwargs = CASES[request.param]
@@ -92,7 +83,7 @@ def pipe(request):
     return pipe, kwargs
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", scheduler_params())
 def test_parallel_equals_sequential_in_pipelines(pipe, scheduler):
     pipe, kwargs = pipe
     pipe.scheduler = make_scheduler(scheduler)
@@ -103,7 +94,7 @@ def test_parallel_equals_sequential_in_pipelines(pipe, scheduler):
 
     reference, candidate, calls = _both(pipe.unet, generate)
     assert any("[x2]" in label for label in calls)
-    assert (candidate - reference).abs().max().item() <= TOLERANCE
+    torch.testing.assert_close(candidate, reference, rtol=0, atol=TOLERANCE)
 
 
 def test_parallel_equals_sequential_in_ddpm_pipeline():
@@ -120,36 +111,19 @@ def test_parallel_equals_sequential_in_ddpm_pipeline():
 
         reference, candidate, calls = _both(pipe.unet, generate)
         assert "fxprop.step[x2]" in calls and "fxprop.step[x3]" in calls
-        assert abs(candidate - reference).max() <= TOLERANCE
+        torch.testing.assert_close(candidate, reference, rtol=0, atol=TOLERANCE)
 
 
 # -- the bare UNet -----------------------------------------------------------------------------
 
-TIMESTEPS = torch.tensor([999, 799, 599, 399, 199, 99])
-
-
 @pytest.fixture(scope="module")
 def unet_runtime():
-    """A UNet with cross-attention in its decoder only: a third of the tiny UNet's capture time,
-    and the every-step part still reads the conditioning."""
-    unet = sd_unet(down_block_types=("DownBlock2D", "DownBlock2D"), mid_block_type="UNetMidBlock2D",
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    return fxprop.accelerate(unet, key_steps=[0], parallel=True)
+    return fxprop.accelerate(decoder_attn_unet(), key_steps=[0], parallel=True)
 
 
 def _loop(runtime, batch: int, edit=None):
-    """Run the UNet over TIMESTEPS on changing latents; ``edit(step, embeds)`` may change the
-    conditioning before a step."""
-    g = torch.Generator().manual_seed(batch)
-    latents = torch.randn(len(TIMESTEPS), batch, 4, 8, 8, generator=g)
-    embeds = torch.randn(batch, 5, 32, generator=g)
-    runtime.set_timesteps(TIMESTEPS)
-    outs = []
-    with torch.no_grad():
-        for i, t in enumerate(TIMESTEPS):
-            embeds = edit(i, embeds) if edit else embeds
-            outs.append(runtime(latents[i], t, encoder_hidden_states=embeds).sample)
-    return torch.stack(outs)
+    """A generation over LOOP_TIMESTEPS; ``edit(step, embeds)`` may change the conditioning."""
+    return run_loop(runtime, *loop_inputs(seed=batch, batch=batch), edit=edit)
 
 
 def _use(runtime, key_steps, max_batch=None):
@@ -157,13 +131,14 @@ def _use(runtime, key_steps, max_batch=None):
                                                max_batch=max_batch)
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None)
-@given(keys=st.sets(st.integers(1, len(TIMESTEPS) - 1), max_size=3),
+@given(keys=st.sets(st.integers(1, len(LOOP_TIMESTEPS) - 1), max_size=3),
        batch=st.sampled_from([1, 2]), max_batch=st.sampled_from([None, 1, 2, 4, 6]))
 def test_parallel_equals_sequential_at_unet_level(unet_runtime, keys, batch, max_batch):
     _use(unet_runtime, [0, *sorted(keys)], max_batch)
     reference, candidate, _ = _both(unet_runtime, lambda: _loop(unet_runtime, batch))
-    assert (candidate - reference).abs().max().item() <= TOLERANCE
+    torch.testing.assert_close(candidate, reference, rtol=0, atol=TOLERANCE)
 
 
 def _calls(runtime, batch=2):
@@ -192,15 +167,15 @@ def test_conditioning_changed_mid_segment_is_computed_on_the_frontier(unet_runti
     reference = _loop(unet_runtime, 2, edit)
     unet_runtime.policy = parallel
     candidate, calls = _profiled(lambda: _loop(unet_runtime, 2, edit))
-    assert (candidate - reference).abs().max().item() <= TOLERANCE
+    torch.testing.assert_close(candidate, reference, rtol=0, atol=TOLERANCE)
     # steps 1-3 were computed alone on the frontier, with the new conditioning
     assert calls == {"fxprop.key": 2, "fxprop.step[x4]": 1, "fxprop.step": 3,
                      "fxprop.step[x2]": 1}
-    assert (candidate[1] - _loop(unet_runtime, 2)[1]).abs().max().item() > 1e-3
+    assert_differs(candidate[1], _loop(unet_runtime, 2)[1], 1e-3, "with and without the edit")
 
 
 def test_with_policy_shares_the_captured_graphs(unet_runtime):
-    call = flatten_call(unet_runtime.unet.forward, (torch.randn(2, 4, 8, 8), TIMESTEPS[0]),
+    call = flatten_call(unet_runtime.unet.forward, (torch.randn(2, 4, 8, 8), LOOP_TIMESTEPS[0]),
                         {"encoder_hidden_states": torch.randn(2, 5, 32)})
     other = unet_runtime.with_policy(fxprop.EncoderPropagation(key_steps=2))
     assert other.parts_for(call) is unet_runtime.parts_for(call)
@@ -208,10 +183,10 @@ def test_with_policy_shares_the_captured_graphs(unet_runtime):
 
 def test_unplanned_timestep_mid_segment_runs_the_whole_unet_and_warns(unet_runtime):
     _use(unet_runtime, [0])
-    unet_runtime.set_timesteps(TIMESTEPS)
+    unet_runtime.set_timesteps(LOOP_TIMESTEPS)
     x, e = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
     with torch.no_grad():
-        unet_runtime(x, TIMESTEPS[0], encoder_hidden_states=e)
+        unet_runtime(x, LOOP_TIMESTEPS[0], encoder_hidden_states=e)
         with pytest.warns(UserWarning, match="fxprop: UNet call 1 does not match the plan"):
             out = unet_runtime(x, torch.tensor(5), encoder_hidden_states=e).sample
         plain = unet_runtime.unet(x, torch.tensor(5), encoder_hidden_states=e).sample

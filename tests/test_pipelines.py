@@ -9,8 +9,8 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 
 import fxprop
-from conftest import (controlnet_pipeline, ddpm_pipeline, make_scheduler, sd_pipeline,
-                      sdxl_embeds, sdxl_pipeline, text_embeds)
+from conftest import (assert_differs, controlnet_pipeline, ddpm_pipeline, make_scheduler,
+                      scheduler_params, sd_pipeline, sdxl_embeds, sdxl_pipeline, text_embeds)
 
 STEPS = 6
 
@@ -44,27 +44,40 @@ def _run(pipe, kwargs, scheduler=None, seed=0):
     return out.images
 
 
-@pytest.fixture(scope="module", params=[(case, reuse) for case in sorted(CASES)
-                                        for reuse in ("encoder", "deep")],
-                ids=lambda p: "-".join(p))
-def pair(request):
+class Plain:
+    """The plain pipeline of a case and its outputs per scheduler, computed once: both reuse
+    modes compare against them."""
+
+    def __init__(self, case: str) -> None:
+        factory, self.kwargs = CASES[case]
+        self.pipe, self.outputs = factory(), {}
+
+    def output(self, scheduler: str) -> torch.Tensor:
+        if scheduler not in self.outputs:
+            self.outputs[scheduler] = _run(self.pipe, self.kwargs(), scheduler)
+        return self.outputs[scheduler]
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def plain(request):
+    return Plain(request.param)
+
+
+@pytest.fixture(scope="module", params=["encoder", "deep"])
+def pair(plain, request):
     """A plain pipeline and an accelerated one sharing the same components."""
-    case, reuse = request.param
-    factory, kwargs = CASES[case]
-    plain = factory()
-    accelerated = type(plain)(**plain.components)
-    fxprop.accelerate(accelerated, key_steps=1, prior_noise=0, reuse=reuse)
-    return plain, accelerated, kwargs
+    accelerated = type(plain.pipe)(**plain.pipe.components)
+    fxprop.accelerate(accelerated, key_steps=1, prior_noise=0, reuse=request.param)
+    return plain, accelerated, plain.kwargs
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "euler", "euler_a", "dpm++", "unipc",
-                                       "lcm", "heun"])
+@pytest.mark.parametrize("scheduler", scheduler_params())
 def test_every_step_key_equals_plain(pair, scheduler):
     plain, accelerated, kwargs = pair
-    reference = _run(plain, kwargs(), scheduler)
+    reference = plain.output(scheduler)
     candidate = _run(accelerated, kwargs(), scheduler)
     assert candidate.shape == reference.shape
-    assert (candidate - reference).abs().max().item() <= 1e-5
+    torch.testing.assert_close(candidate, reference, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
@@ -76,10 +89,10 @@ def test_ddpm_pipeline_every_step_key_equals_plain(scheduler):
     fxprop.accelerate(accelerated, key_steps=1, prior_noise=0)
     outs = [p(batch_size=2, num_inference_steps=STEPS, output_type="np",
               generator=torch.Generator().manual_seed(0)).images for p in (plain, accelerated)]
-    assert abs(outs[0] - outs[1]).max() <= 1e-5
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpm++", "heun"])
+@pytest.mark.parametrize("scheduler", scheduler_params(["ddim", "euler_a", "dpm++", "heun"]))
 def test_sparse_key_steps_follow_the_plan(pair, scheduler):
     """Sparse key steps run without falling back to the whole UNet (a fallback warning is an
     error in this suite) and really reuse features."""
@@ -91,4 +104,4 @@ def test_sparse_key_steps_follow_the_plan(pair, scheduler):
     finally:
         accelerated.unet.policy = every_key
     assert torch.isfinite(candidate).all()
-    assert (candidate - _run(plain, kwargs(), scheduler)).abs().max().item() > 1e-4
+    assert_differs(candidate, plain.output(scheduler), 1e-4, "sparse and plain")

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import fxprop
-from conftest import sd_unet
+from conftest import assert_differs, sd_unet
 from reference import decode, encode
 
 KEYS = [0, 2, 3]
@@ -15,7 +15,19 @@ KEYS = [0, 2, 3]
 
 @pytest.fixture(scope="module")
 def unet():
-    return sd_unet(seed=3)
+    return sd_unet(seed=3)  # not changed by the tests that share it
+
+
+@pytest.fixture(scope="module")
+def shared(unet):
+    """A runtime whose captured graphs the tests share through ``with_policy`` (a capture of
+    the tiny UNet costs seconds; the graph does not depend on the key steps)."""
+    return fxprop.accelerate(unet, key_steps=1)
+
+
+def _with_keys(runtime, key_steps, **options):
+    """``runtime``'s UNet and captured graphs with other key steps."""
+    return runtime.with_policy(fxprop.EncoderPropagation(key_steps=key_steps, **options))
 
 
 def _inputs(batch=2, size=8, seed=0):
@@ -27,14 +39,15 @@ def _inputs(batch=2, size=8, seed=0):
 def test_reference_composes_to_the_unet(unet):
     x, context = _inputs()
     whole = unet(x, 500, context).sample
-    assert (decode(unet, *encode(unet, x, 500, context), 500, context) - whole).abs().max() < 1e-5
+    torch.testing.assert_close(decode(unet, *encode(unet, x, 500, context), 500, context), whole,
+                               rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
-def test_non_key_steps_equal_the_eager_reference(unet):
+def test_non_key_steps_equal_the_eager_reference(unet, shared):
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(6)
-    acc = fxprop.accelerate(unet, key_steps=KEYS)
+    acc = _with_keys(shared, KEYS)
     acc.set_timesteps(scheduler.timesteps)
     x, context = _inputs()
     cached = None
@@ -46,7 +59,7 @@ def test_non_key_steps_equal_the_eager_reference(unet):
             reference = unet(x, t, context).sample
         else:
             reference = decode(unet, *cached, t, context)
-        assert (out - reference).abs().max().item() <= 1e-5, f"step {i}"
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-5, msg=lambda m: f"step {i}: {m}")
 
 
 @torch.no_grad()
@@ -56,13 +69,14 @@ def test_new_resolution_and_batch_get_their_own_graph(unet):
         acc.set_timesteps(torch.tensor([900, 500]))
         x, context = _inputs(batch, size)
         for t in (900, 500):
-            assert (acc(x, t, context).sample - unet(x, t, context).sample).abs().max() <= 1e-5
+            torch.testing.assert_close(acc(x, t, context).sample, unet(x, t, context).sample,
+                                       rtol=0, atol=1e-5)
     assert len(acc._captured) == 2
 
 
 @torch.no_grad()
-def test_off_plan_call_runs_the_whole_unet_and_warns_once(unet):
-    acc = fxprop.accelerate(unet, key_steps=[0])
+def test_off_plan_call_runs_the_whole_unet_and_warns_once(unet, shared):
+    acc = _with_keys(shared, [0])
     acc.set_timesteps(torch.tensor([900, 500, 100]))
     x, context = _inputs()
     acc(x, 900, context)
@@ -70,8 +84,8 @@ def test_off_plan_call_runs_the_whole_unet_and_warns_once(unet):
         out = acc(x, 123, context).sample  # not the planned timestep
         later = acc(x, 100, context).sample  # stays off plan: never reuses stale features
     assert len(record) == 1
-    assert (out - unet(x, 123, context).sample).abs().max() <= 1e-6
-    assert (later - unet(x, 100, context).sample).abs().max() <= 1e-6
+    torch.testing.assert_close(out, unet(x, 123, context).sample, rtol=0, atol=1e-6)
+    torch.testing.assert_close(later, unet(x, 100, context).sample, rtol=0, atol=1e-6)
 
 
 @torch.no_grad()
@@ -80,11 +94,11 @@ def test_without_a_plan_it_warns_and_runs_whole(unet):
     x, context = _inputs()
     with pytest.warns(UserWarning, match="set_timesteps"):
         out = acc(x, 10, context)
-    assert (out.sample - unet(x, 10, context).sample).abs().max() <= 1e-6
+    torch.testing.assert_close(out.sample, unet(x, 10, context).sample, rtol=0, atol=1e-6)
 
 
-def test_return_types_match_the_unet(unet):
-    acc = fxprop.accelerate(unet, key_steps=1)
+def test_return_types_match_the_unet(unet, shared):
+    acc = shared
     acc.set_timesteps(torch.tensor([900, 800]))
     x, context = _inputs()
     with torch.no_grad():
@@ -106,12 +120,12 @@ def test_changing_the_unet_through_the_runtime_drops_its_stale_graphs():
         acc.set_timesteps(torch.tensor([500]))
         after = acc(x, t, encoder_hidden_states=e).sample
         expected = unet(x, t, encoder_hidden_states=e).sample
-    assert (after - expected).abs().max().item() <= 1e-5
-    assert (after - before).abs().max().item() > 1e-3
+    torch.testing.assert_close(after, expected, rtol=0, atol=1e-5)
+    assert_differs(after, before, 1e-3, "with and without FreeU")
 
 
-def test_each_generation_warns_again_when_it_leaves_the_plan():
-    acc = fxprop.accelerate(sd_unet(), key_steps=2)
+def test_each_generation_warns_again_when_it_leaves_the_plan(shared):
+    acc = _with_keys(shared, 2)
     x, e = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
     with torch.no_grad():
         for _ in range(2):
@@ -121,9 +135,9 @@ def test_each_generation_warns_again_when_it_leaves_the_plan():
                 acc(x, torch.tensor(7), encoder_hidden_states=e)
 
 
-def test_timesteps_cast_to_a_lower_precision_still_follow_the_plan():
+def test_timesteps_cast_to_a_lower_precision_still_follow_the_plan(shared):
     """A loop passing ``t.to(torch.bfloat16)`` (999 -> 1000) matches its planned step."""
-    acc = fxprop.accelerate(sd_unet(), key_steps=[0], prior_noise=0)
+    acc = _with_keys(shared, [0], prior_noise=0)
     timesteps = torch.tensor([999.0, 500.5])
     x, e = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
     acc.set_timesteps(timesteps)

@@ -25,7 +25,8 @@ from torch import nn
 from .forecast import KeyFrontiers, signal_levels
 from .plan import Plan
 
-__all__ = ["PlanFollower", "Generation", "TimestepSource", "StepParts"]
+__all__ = ["PlanFollower", "Generation", "TimestepSource", "StepCall", "StepParts",
+           "timestep_float"]
 
 #: () -> the scheduler of the current generation (its ``timesteps``, ``begin_index``,
 #: ``config.num_train_timesteps`` and signal levels are read when it sets new timesteps)
@@ -101,6 +102,11 @@ class PlanFollower(nn.Module):
     def step(self) -> int:
         """The index of the next UNet call in the current generation."""
         return 0 if self._generation is None else self._generation.step
+
+    @property
+    def off_plan(self) -> bool:
+        """Whether the current generation left its plan (it runs the whole UNet)."""
+        return self._generation is not None and self._generation.off_plan
 
     def set_timesteps(self, timesteps: torch.Tensor, num_train_timesteps: int | None = None,
                       begin: int = 0, signal: Sequence[float] | None = None) -> Plan:
@@ -224,7 +230,7 @@ class PlanFollower(nn.Module):
         return gen is None or gen.plan.is_key[gen.step]
 
 
-def _timestep_float(timestep: Any) -> float:
+def timestep_float(timestep: Any) -> float:
     t = torch.as_tensor(timestep).flatten()
     return float(t[0])
 
@@ -248,7 +254,7 @@ def _matches(timestep: Any, gen: Generation, index: int) -> bool:
     view = _view_index(timestep, gen.source)
     if view is not None:
         return view == index
-    value, planned = _timestep_float(timestep), gen.plan.timesteps[index - gen.begin]
+    value, planned = timestep_float(timestep), gen.plan.timesteps[index - gen.begin]
     if value == planned:
         return True
     if isinstance(timestep, torch.Tensor) and timestep.dtype.is_floating_point:
@@ -262,5 +268,5 @@ def _first_index(timesteps: torch.Tensor, timestep: Any) -> int:
     if view is not None:
         return view
     values = torch.as_tensor(timesteps).flatten().tolist()
-    first = _timestep_float(timestep)
+    first = timestep_float(timestep)
     return next((i for i, v in enumerate(values) if float(v) == first), 0)

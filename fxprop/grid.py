@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .follow import Generation, _timestep_float
+from .follow import Generation, timestep_float
 
 __all__ = ["GridGeneration", "grid_step", "sigma_grid"]
 
@@ -73,7 +73,7 @@ class GridGeneration(Generation):
         self.negated = [-g for g in self.plan.timesteps]
 
     def match(self, timestep: Any) -> str | None:
-        grid, value = self.plan.timesteps, _timestep_float(timestep)
+        grid, value = self.plan.timesteps, timestep_float(timestep)
         step = grid_step(grid, self.end, value, tolerance(timestep, value), self.negated)
         if step is None:
             return (f"UNet call at timestep {value:g} is off the planned grid [{grid[0]:g} .. "

@@ -178,8 +178,8 @@ def test_float16_timesteps_match_their_grid_points():
     acc, model_wrap = fxprop.accelerate(UNET, key_steps=1), PLAIN
     plan = acc.set_sigmas(SIGMAS, model_wrap)
     for i, t in enumerate(plan.timesteps):
-        assert acc._on_plan(torch.tensor([t]).half()) is acc._generation
-        assert acc._generation.at == i
+        assert acc.next_is_key(torch.tensor([t]).half())   # every step is a key step
+        assert acc.step == i and not acc.off_plan
 
 
 # -- every fixed-grid sampler, both reuse modes ------------------------------------------------
@@ -198,7 +198,7 @@ def test_sparse_key_steps_follow_the_grid_and_differ_from_plain(runtime, plain, 
     out = run(runtime, name, [0, 3], record)   # the fallback warning is an error here
     steps = CALL_STEPS.get(name, list(range(STEPS)))
     assert record == [(s, s in (0, 3)) for s in steps]  # every call of a key step runs it all
-    assert not runtime[0]._generation.off_plan
+    assert not runtime[0].off_plan
     assert torch.isfinite(out).all()
     assert_differs(out, plain_output(plain, name), 1e-4)
 
@@ -234,7 +234,7 @@ def test_calls_that_leave_the_order_run_the_whole_unet(runtime, sigmas, why):
     acc.set_sigmas(SIGMAS, model_wrap)
     with pytest.warns(UserWarning, match=why):
         outs = [_call(model_wrap, float(SIGMAS[i])) for i in sigmas]
-    assert acc._generation.off_plan
+    assert acc.off_plan
     torch.testing.assert_close(outs[-1], _call(PLAIN, float(SIGMAS[sigmas[-1]])), atol=1e-5,
                                rtol=0)
 
@@ -245,7 +245,7 @@ def test_a_call_above_the_grid_is_off_plan(runtime):
     acc.set_sigmas(sigmas, model_wrap)
     with pytest.warns(UserWarning, match="off the planned grid"):
         _call(model_wrap, 5.0)
-    assert acc._generation.off_plan
+    assert acc.off_plan
 
 
 def test_sampling_again_without_set_sigmas_goes_back_up(runtime):

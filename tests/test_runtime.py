@@ -71,7 +71,7 @@ def test_new_resolution_and_batch_get_their_own_graph(unet):
         for t in (900, 500):
             torch.testing.assert_close(acc(x, t, context).sample, unet(x, t, context).sample,
                                        rtol=0, atol=1e-5)
-    assert len(acc._captured) == 2
+    assert acc.captures == 2
 
 
 @torch.no_grad()
@@ -144,4 +144,4 @@ def test_timesteps_cast_to_a_lower_precision_still_follow_the_plan(shared):
     with torch.no_grad():  # an off-plan warning would be an error in this suite
         for t in timesteps:
             acc(x, t.to(torch.bfloat16), encoder_hidden_states=e)
-    assert acc.step == 2 and not acc._generation.off_plan
+    assert acc.step == 2 and not acc.off_plan

@@ -3,6 +3,7 @@
     python tools/bench.py                                  # SD-1.5-architecture UNet x0.25
     python tools/bench.py --model tiny --modes plain encoder parallel
     python tools/bench.py --compile                        # compiled plain vs compiled fxprop
+    python tools/bench.py --modes deep-3 deep-3-f1 deep-5 deep-5-f1 encoder encoder-f1
     python tools/bench.py --quality                        # policy sweep on the shipped model
 
 A StableDiffusionPipeline around a UNet with random weights (``--model sd15``: diffusers' SD-1.5
@@ -11,8 +12,9 @@ latent with classifier-free guidance (UNet batch 2) for 50 DDIM steps. Every mod
 once (capture, compile), then the modes run interleaved, ``--repeats`` rounds, and the median is
 reported with: the speedup over plain; the FLOP-ideal speedup, plain FLOPs / the mode's FLOPs of
 one whole generation (``torch.utils.flop_counter``); their ratio, the efficiency; the time ratio
-to the reference DeepCache package at equal settings; the max abs difference of the final latent
-from plain's (and, for ``deepcache-N``, from fxprop's ``deep-N``).
+to the reference DeepCache package at equal settings (for a forecasting mode ``*-f1``: to the
+reuse mode of the same key steps, so it is the forecast's cost); the max abs difference of the
+final latent from plain's (and, for ``deepcache-N`` and ``*-f1``, from the mode named in "vs").
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ MODES: dict[str, Mode] = {
     "deep-5": Mode(dict(reuse="deep", key_steps=5, branch=0)),
     "deepcache-3": Mode(deepcache=(3, 0), compare_to="deep-3"),
     "deepcache-5": Mode(deepcache=(5, 0), compare_to="deep-5"),
+    # forecasting: same key steps and FLOPs as the reuse mode it is compared to
+    "encoder-f1": Mode(dict(key_steps="faster-diffusion", forecast=1), compare_to="encoder"),
+    "deep-3-f1": Mode(dict(reuse="deep", key_steps=3, branch=0, forecast=1),
+                      compare_to="deep-3"),
+    "deep-5-f1": Mode(dict(reuse="deep", key_steps=5, branch=0, forecast=1),
+                      compare_to="deep-5"),
 }
 COMPILED_MODES: dict[str, Mode] = {
     "plain": Mode(compile=True),
@@ -135,7 +143,8 @@ def report(candidates: dict[str, Candidate], modes: dict[str, Mode], ideal: dict
         if compiled:
             line += f"{c.first:>9.1f}"
         else:
-            ref = f"deepcache-{name.split('-')[1]}" if name.startswith("deep-") else None
+            ref = (mode.compare_to if name.endswith("-f1")  # forecast: time vs its reuse mode
+                   else f"deepcache-{name.split('-')[1]}" if name.startswith("deep-") else None)
             ratio = (median / statistics.median(candidates[ref].times)
                      if ref in candidates else None)
             line += f"{ratio:>8.2f}" if ratio else f"{'':>8}"

@@ -58,7 +58,7 @@ def main() -> None:
 
     print(f"{work.name}, reuse={args.reuse}, {args.steps} karras sigmas, sparse key steps "
           f"every {args.key_steps}, {args.threads} threads, median of {args.repeats}")
-    print(f"| sampler | UNet calls | every-key max diff | all-key s | sparse s | sparse/all |")
+    print("| sampler | UNet calls | every-key max diff | all-key s | sparse s | sparse/all |")
     print("|---|---|---|---|---|---|")
     for name in SAMPLERS:
         calls.clear()

@@ -15,8 +15,8 @@ from DeepCache import DeepCacheSDHelper
 import fxprop
 import fxprop.capture
 import fxprop.runtime
-from conftest import (TEXT_DIM, controlnet_pipeline, ddpm_pipeline, sd_pipeline, sd_unet,
-                      sdxl_unet, shared_captures, text_embeds)
+from conftest import (TEXT_DIM, assert_differs, controlnet_pipeline, ddpm_pipeline, sd_pipeline,
+                      sd_unet, sdxl_unet, shared_captures, text_embeds)
 from fxprop.config import DeepCache, make_policy
 from fxprop.deep import branch_target, deep_cut, valid_branches
 from fxprop.regions import find_layout, module_path
@@ -214,7 +214,7 @@ def test_sd_matches_deepcache(sd_pair, branch, interval):
     reference, candidate = sd_pair
     expected = _reference(reference, _sd_run, interval, branch)
     fxprop.accelerate(candidate, key_steps=interval, reuse="deep", branch=branch)
-    assert (_sd_run(candidate) - expected).abs().max().item() <= 1e-4
+    torch.testing.assert_close(_sd_run(candidate), expected, rtol=0, atol=1e-4)
 
 
 def test_sd_every_step_key_equals_plain(sd_pair):
@@ -222,7 +222,7 @@ def test_sd_every_step_key_equals_plain(sd_pair):
     plain = _sd_run(reference)
     for branch in (0, 5):
         fxprop.accelerate(candidate, key_steps=1, reuse="deep", branch=branch)
-        assert (_sd_run(candidate) - plain).abs().max().item() <= 1e-5
+        torch.testing.assert_close(_sd_run(candidate), plain, rtol=0, atol=1e-5)
 
 
 def test_sd_prior_noise_can_be_turned_on(sd_pair):
@@ -230,7 +230,7 @@ def test_sd_prior_noise_can_be_turned_on(sd_pair):
     fxprop.accelerate(candidate, key_steps=2, reuse="deep")
     without = _sd_run(candidate)
     fxprop.accelerate(candidate, key_steps=2, reuse="deep", prior_noise=0.003)
-    assert (_sd_run(candidate) - without).abs().max().item() > 1e-4
+    assert_differs(_sd_run(candidate), without, 1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,7 @@ def test_controlnet_runs_every_step_and_matches_deepcache(controlnet_pair, branc
     controlnet_class = type(candidate.controlnet)
     fxprop.accelerate(candidate, key_steps=2, reuse="deep", branch=branch)
     assert type(candidate.controlnet) is controlnet_class  # not gated to key steps
-    assert (run(candidate) - expected).abs().max().item() <= 1e-4
+    torch.testing.assert_close(run(candidate), expected, rtol=0, atol=1e-4)
 
 
 def test_ddpm_pipeline_matches_deepcache():

@@ -5,7 +5,9 @@ from .compile import CompileOptions
 from .config import DeepCache, EncoderPropagation, Policy
 from .deep import branches
 from .export import LoadedUNet, export, load
+from .fingerprint import fingerprint
 from .forecast import signal_levels
+from .pipelines import runtime_of
 from .plan import Plan, Segment, make_plan
 from .runtime import AcceleratedUNet
 from .schedules import (PRESETS, deepcache_nonuniform, every, faster_diffusion,
@@ -15,5 +17,5 @@ __all__ = ["accelerate", "restore", "AcceleratedUNet", "EncoderPropagation", "De
            "branches", "Plan",
            "Segment", "make_plan", "PRESETS", "every", "faster_diffusion", "deepcache_nonuniform",
            "key_step_schedule", "CompileOptions", "export", "load",
-           "LoadedUNet", "signal_levels"]
+           "LoadedUNet", "signal_levels", "fingerprint", "runtime_of"]
 __version__ = "0.1.0"

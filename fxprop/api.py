@@ -20,8 +20,9 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
     """Make a UNet or a diffusers pipeline reuse features across sampling steps.
 
     Args:
-        target: a diffusers pipeline with a ``unet`` (modified in place and returned), or a
-            UNet ``nn.Module`` (an :class:`AcceleratedUNet` wrapping it is returned).
+        target: a diffusers pipeline with a ``unet`` (returned, accelerated in place: its UNet
+            stays the same module, intercepted), or a UNet ``nn.Module`` (an
+            :class:`AcceleratedUNet` of it is returned, for hand-written loops).
         key_steps: steps where the cut part runs: a preset name (``"faster-diffusion"``), an
             interval ``N`` (every N-th step from 0) or a sorted list of steps containing 0.
             ``None`` takes the policy's default.
@@ -29,8 +30,11 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
             :class:`~fxprop.EncoderPropagation`) or ``"deep"`` (deep-feature caching, DeepCache;
             see :class:`~fxprop.DeepCache`).
         prior_noise: weight of prior noise injection (``None``: the policy's default, 0.003 for
-            ``"encoder"``, 0 for ``"deep"``). Pipelines apply it; for a bare UNet it is part of
-            the plan (``plan.inject``) and your loop adds it.
+            ``"encoder"``, 0 for ``"deep"``), a finite number >= 0. Pipelines apply it in
+            their scheduler's units (:mod:`fxprop.prior`); with schedulers where it is not
+            defined (no ``alphas_cumprod``: EDM) the default is off and an explicit weight
+            raises. For a bare UNet it is part of the plan (``plan.inject``) and your loop
+            adds it.
         parallel, max_batch: parallel mode of encoder propagation.
         compile: ``True``, a dict of ``torch.compile`` options (``backend``, ``mode``,
             ``dynamic``, ``options``) or :class:`~fxprop.CompileOptions`: compile every part
@@ -41,7 +45,10 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
 
     Raises:
         TypeError: ``target`` is neither a UNet module nor a pipeline with one.
-        ValueError: an option breaks its rule; the UNet's regions cannot be found.
+        ValueError: an option breaks its rule; the UNet's regions cannot be found; the UNet
+            cannot be run correctly as a captured graph (hooks on its submodules, such as
+            sequential CPU offload; a ``torch.compile``'d module: pass the module it wraps
+            and ``compile=True``).
     """
     policy = make_policy(reuse, key_steps=key_steps, prior_noise=prior_noise,
                          parallel=parallel, max_batch=max_batch, **options)
@@ -49,8 +56,6 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
     if is_pipeline(target):
         return accelerate_pipeline(target, policy, explicit_prior_noise=prior_noise is not None,
                                    compile=compile)
-    if isinstance(target, AcceleratedUNet):
-        target = target.unet
     if isinstance(target, nn.Module):
         return AcceleratedUNet(target, policy, compile=compile)
     raise TypeError(f"fxprop.accelerate takes a UNet (nn.Module) or a diffusers pipeline "
@@ -60,6 +65,7 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
 def restore(target: Any) -> Any:
     """Undo :func:`accelerate`: the pipeline with its original UNet, or the bare UNet."""
     if isinstance(target, AcceleratedUNet):
+        target.release()
         return target.unet
     if is_pipeline(target):
         return restore_pipeline(target)

@@ -115,17 +115,18 @@ def flatten_call(forward: Callable, args: tuple, kwargs: dict) -> FlatCall:
 class _FlatUNet(nn.Module):
     """The UNet called with tensor leaves only (export records the output's structure)."""
 
-    def __init__(self, unet: nn.Module, call: FlatCall) -> None:
+    def __init__(self, unet: nn.Module, call: FlatCall, forward: Callable | None) -> None:
         super().__init__()
-        setattr(self, ROOT, unet)
+        setattr(self, ROOT, unet)  # registered: module paths in the graph start with ROOT
         self._spec, self._template = call.spec, call.template
+        object.__setattr__(self, "_forward", unet if forward is None else forward)  # not a submodule
 
     def forward(self, *tensors: torch.Tensor) -> Any:
         leaves, it = [], iter(tensors)
         for leaf in self._template:
             leaves.append(next(it) if leaf is TENSOR else leaf)
         arguments = pytree.tree_unflatten(leaves, self._spec)
-        return getattr(self, ROOT)(**arguments)
+        return self._forward(**arguments)
 
 
 @dataclass
@@ -159,9 +160,12 @@ def _plain_graph(graph: fx.Graph, names: list[str]) -> fx.Graph:
     return new
 
 
-def capture(unet: nn.Module, call: FlatCall) -> Captured:
-    """Capture ``unet`` for this call's signature; parameters stay shared with ``unet``."""
-    flat = _FlatUNet(unet, call)
+def capture(unet: nn.Module, call: FlatCall, forward: Callable | None = None) -> Captured:
+    """Capture ``unet`` for this call's signature; parameters stay shared with ``unet``.
+
+    ``forward``: what to trace instead of calling ``unet`` (the forward beneath fxprop's own
+    interception, so that the capture neither re-enters it nor traces hooks above it)."""
+    flat = _FlatUNet(unet, call, forward)
     with torch.no_grad():
         try:
             exported = torch.export.export(flat, tuple(call.tensors), strict=False)

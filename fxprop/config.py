@@ -19,6 +19,7 @@ from .cuts import Cut, encoder_cut
 from .deep import check_branch, deep_cut
 from .forecast import check_forecast, check_forecast_in, check_reach
 from .plan import Plan, make_plan
+from .prior import check_weight
 from .schedules import Schedule, key_step_schedule
 
 __all__ = ["EncoderPropagation", "DeepCache", "Policy", "make_policy", "REUSE_MODES"]
@@ -126,7 +127,7 @@ class EncoderPropagation(_Planning):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", key_step_schedule(self.key_steps))
-        _check_prior_noise(self.prior_noise)
+        check_weight(self.prior_noise)
         self._check_forecast()
         if self.max_batch is not None and (not isinstance(self.max_batch, int)
                                            or self.max_batch < 1):
@@ -183,7 +184,7 @@ class DeepCache(_Planning):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", key_step_schedule(self.key_steps))
-        _check_prior_noise(self.prior_noise)
+        check_weight(self.prior_noise)
         self._check_forecast()
         if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:
             raise ValueError(f"branch must be a non-negative int (DeepCache's cache_branch_id),"
@@ -203,11 +204,6 @@ class DeepCache(_Planning):
 
 
 REUSE_MODES: dict[str, type] = {"encoder": EncoderPropagation, "deep": DeepCache}
-
-
-def _check_prior_noise(value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"prior_noise must be a non-negative number, got {value!r}")
 
 
 def make_policy(reuse: str, **options: Any) -> Policy:

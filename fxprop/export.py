@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 from .capture import normalise_timestep, path_name, flatten_call
 from .config import make_policy
 from .follow import PlanFollower
+from .pipelines import runtime_of
 from .runtime import AcceleratedUNet
 
 __all__ = ["export", "load", "LoadedUNet", "META_FILE"]
@@ -171,7 +172,7 @@ class _LoadedCall:
 
 
 def _runtime_of(target: Any) -> AcceleratedUNet:
-    runtime = target if isinstance(target, AcceleratedUNet) else getattr(target, "unet", None)
+    runtime = target if isinstance(target, AcceleratedUNet) else runtime_of(target)
     if not isinstance(runtime, AcceleratedUNet):
         raise TypeError("fxprop.export takes an AcceleratedUNet or a pipeline accelerated by "
                         f"fxprop.accelerate, got {type(target).__name__}; accelerate it first")

@@ -15,9 +15,13 @@ the common path reads no device value.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -25,8 +29,8 @@ from torch import nn
 from .forecast import KeyFrontiers, signal_levels
 from .plan import Plan
 
-__all__ = ["PlanFollower", "Generation", "TimestepSource", "StepCall", "StepParts",
-           "timestep_float"]
+__all__ = ["PlanFollower", "Generation", "FollowState", "Scope", "active_scope",
+           "TimestepSource", "StepCall", "StepParts", "timestep_float"]
 
 #: () -> the scheduler of the current generation (its ``timesteps``, ``begin_index``,
 #: ``config.num_train_timesteps`` and signal levels are read when it sets new timesteps)
@@ -59,6 +63,7 @@ class Generation:
     step: int = 0                   # the next step to run
     off_plan: bool = False
     frontiers: KeyFrontiers = None  # type: ignore[assignment]  # the last key frontiers
+    model_state: int | None = None  # the UNet's fingerprint at the first call (runtime's)
 
     def __post_init__(self) -> None:
         if self.frontiers is None:
@@ -67,7 +72,16 @@ class Generation:
     def leave_plan(self) -> None:
         """Run the whole UNet for the rest of this generation; release the cached state."""
         self.off_plan = True
+        self.release()
+
+    def release(self) -> None:
+        """Drop the tensors kept across steps (the generation cannot use them any more)."""
         self.frontiers.clear()
+
+    @property
+    def finished(self) -> bool:
+        """Whether every planned step ran (its cached tensors can go)."""
+        return self.step >= len(self.plan)
 
     def match(self, timestep: Any) -> str | None:
         """Make ``step`` the step of a call with ``timestep``; None, or why it is off-plan.
@@ -80,10 +94,56 @@ class Generation:
         return None
 
 
+@dataclass
+class FollowState:
+    """What one scope follows: a pipeline call's generation, or a thread's own loop's."""
+
+    generation: Generation | None = None
+    warned: bool = False           # warned once in this generation
+    once: bool = False             # plan at the first call only (a pipeline call)
+
+
+@dataclass
+class Scope:
+    """A runtime following ``state`` while it is active (see :func:`active_scope`)."""
+
+    follower: "PlanFollower"
+    state: FollowState = field(default_factory=FollowState)
+
+
+_SCOPE: ContextVar[Scope | None] = ContextVar("fxprop_scope", default=None)
+_THREAD = threading.local()
+
+
+def active_scope() -> Scope | None:
+    """The scope of the UNet call being made in this thread (or task), if any."""
+    return _SCOPE.get()
+
+
+@contextlib.contextmanager
+def scoped(scope: Scope) -> Iterator[Scope]:
+    """Make ``scope`` active for the calls made inside the ``with`` block."""
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
+
+
+def _thread_state(owner: "PlanFollower") -> FollowState:
+    """``owner``'s state in this thread: a user's loop is one thread's, never shared."""
+    states = _THREAD.__dict__.setdefault("states", weakref.WeakKeyDictionary())
+    if owner not in states:
+        states[owner] = FollowState()
+    return states[owner]
+
+
 class PlanFollower(nn.Module):
     """Base of modules that run one UNet call per planned step (see the module docstring).
 
-    Subclasses set ``policy`` (a :class:`fxprop.config.Policy`): plans are made by it.
+    Subclasses set ``policy`` (a :class:`fxprop.config.Policy`): plans are made by it. The
+    generation followed belongs to the active :class:`Scope` (a pipeline call) or else to the
+    calling thread, so two threads never share one.
     """
 
     policy: Any
@@ -91,8 +151,17 @@ class PlanFollower(nn.Module):
     def __init__(self, timestep_source: TimestepSource | None = None) -> None:
         super().__init__()
         self.timestep_source = timestep_source
-        self._generation: Generation | None = None
-        self._warned = False
+
+    def follow_state(self) -> FollowState:
+        """The state of the calls made now: the active scope's if it is this follower's."""
+        scope = _SCOPE.get()
+        if scope is not None and scope.follower is self:
+            return scope.state
+        return _thread_state(self)
+
+    @property
+    def _generation(self) -> Generation | None:
+        return self.follow_state().generation
 
     @property
     def plan(self) -> Plan | None:
@@ -108,6 +177,10 @@ class PlanFollower(nn.Module):
         """Whether the current generation left its plan (it runs the whole UNet)."""
         return self._generation is not None and self._generation.off_plan
 
+    def _start(self, generation: Generation | None) -> None:
+        state = self.follow_state()
+        state.generation, state.warned = generation, False  # warn once per generation
+
     def set_timesteps(self, timesteps: torch.Tensor, num_train_timesteps: int | None = None,
                       begin: int = 0, signal: Sequence[float] | None = None) -> Plan:
         """Start a generation over ``timesteps[begin:]``; returns its plan.
@@ -117,8 +190,7 @@ class PlanFollower(nn.Module):
         """
         plan = self.policy.plan(timesteps[begin:], num_train_timesteps,
                                 None if signal is None else list(signal)[begin:])
-        self._warned = False  # warn once per generation
-        self._generation = self._new_generation(plan, timesteps, begin)
+        self._start(self._new_generation(plan, timesteps, begin))
         return plan
 
     def set_sigmas(self, sigmas: torch.Tensor, model_wrap: Any) -> Plan:
@@ -143,8 +215,7 @@ class PlanFollower(nn.Module):
         train = getattr(model_wrap, "sigmas", None)
         plan = self.policy.plan(grid, len(train) if isinstance(train, torch.Tensor) else None,
                                 signal.tolist() if self.policy.needs_signal else None)
-        self._warned = False
-        self._generation = GridGeneration(plan, sigmas, end=end)
+        self._start(GridGeneration(plan, sigmas, end=end))
         return plan
 
     def _new_generation(self, plan: Plan, source: Any, begin: int) -> Generation:
@@ -152,16 +223,18 @@ class PlanFollower(nn.Module):
 
     def reset(self) -> None:
         """Forget the current generation (plan and cached frontier)."""
-        self._generation = None
-        self._warned = False
+        self._start(None)
 
     def _sync(self, timestep: Any) -> None:
         """Start a new generation if the timestep source was set anew since the last plan."""
         if self.timestep_source is None:
             return
+        state = self.follow_state()
+        if state.once and state.generation is not None:
+            return  # a pipeline call plans once: other threads may set the shared scheduler
         scheduler = self.timestep_source()
         timesteps = getattr(scheduler, "timesteps", None)
-        if timesteps is None or (self._generation and self._generation.source is timesteps):
+        if timesteps is None or (state.generation and state.generation.source is timesteps):
             return
         begin = getattr(scheduler, "begin_index", None)
         if begin is None:
@@ -171,8 +244,9 @@ class PlanFollower(nn.Module):
                            begin, signal)
 
     def _warn(self, reason: str) -> None:
-        if not self._warned:
-            self._warned = True
+        state = self.follow_state()
+        if not state.warned:
+            state.warned = True
             warnings.warn(f"fxprop: {reason}; running the whole UNet for the rest of this "
                           "generation (correct, not accelerated)", stacklevel=3)
 
@@ -205,12 +279,16 @@ class PlanFollower(nn.Module):
         """
         step, gen.step = gen.step, gen.step + 1
         if gen.plan.is_key[step]:
-            return self._key_step(gen, step, call, parts)
-        if not gen.frontiers.has(call.key):
+            out = self._key_step(gen, step, call, parts)
+        elif gen.frontiers.has(call.key):
+            out = self._reuse_step(gen, step, call, parts)
+        else:
             gen.leave_plan()
             self._warn(f"UNet call {step} has other inputs than its key step")
             return None
-        return self._reuse_step(gen, step, call, parts)
+        if gen.finished:
+            gen.release()
+        return out
 
     def _key_step(self, gen: Generation, step: int, call: StepCall, parts: StepParts) -> tuple:
         """Run the whole UNet, keeping the frontier (parallel mode extends this)."""

@@ -72,6 +72,13 @@ class GridGeneration(Generation):
         super().__post_init__()
         self.negated = [-g for g in self.plan.timesteps]
 
+    @property
+    def finished(self) -> bool:
+        """Never certain: a sampler may call the last grid step again (Heun, DPM2 and
+        midpoint samplers call it twice unless the grid ends at sigma 0); the frontier goes
+        at the next ``set_sigmas`` or ``reset()``."""
+        return False
+
     def match(self, timestep: Any) -> str | None:
         grid, value = self.plan.timesteps, timestep_float(timestep)
         step = grid_step(grid, self.end, value, tolerance(timestep, value), self.negated)

@@ -14,7 +14,7 @@ signature is at most the number of distinct chunk lengths: the distinct segment 
 with ``max_batch`` at most two per segment length (full chunks and the remainder).
 
 Everything here reads host metadata only (shapes, data pointers, version counters), so the
-hot loop makes no device sync.
+hot loop makes no device sync, except under ``torch.inference_mode()`` (see :class:`Inputs`).
 """
 
 from __future__ import annotations
@@ -132,24 +132,29 @@ class Inputs:
     """The every-step inputs a chunk was computed from, to tell whether a later call has them.
 
     Holding the tensors keeps their memory alive, so an equal data pointer, stride and version
-    means the same values: a pipeline may pass the same tensor or a fresh view of it.
+    means the same values: a pipeline may pass the same tensor or a fresh view of it. Inference
+    tensors (``torch.inference_mode()``) have no version counter: for them a copy is kept and
+    compared by value (one device sync per reused step), so in-place edits are still seen.
     """
 
     indices: tuple[int, ...]
     tensors: tuple[torch.Tensor, ...]
     versions: tuple[int | None, ...]
+    copies: tuple[torch.Tensor | None, ...]
 
     @classmethod
     def of(cls, call: FlatCall, indices: Any) -> "Inputs":
         tensors = tuple(call.tensors[i] for i in indices)
-        return cls(tuple(indices), tensors, tuple(_version(x) for x in tensors))
+        return cls(tuple(indices), tensors, tuple(_version(x) for x in tensors),
+                   tuple(x.clone() if x.is_inference() else None for x in tensors))
 
     def same_as(self, call: FlatCall) -> bool:
-        for i, ref, version in zip(self.indices, self.tensors, self.versions):
+        for i, ref, version, copy in zip(self.indices, self.tensors, self.versions, self.copies):
             x = call.tensors[i]
-            if x is ref and version is None:
-                continue
-            if (version is None or x.data_ptr() != ref.data_ptr() or x.stride() != ref.stride()
+            if copy is not None:
+                if x.shape != copy.shape or not torch.equal(x, copy):
+                    return False
+            elif (x.data_ptr() != ref.data_ptr() or x.stride() != ref.stride()
                     or _version(x) != version):
                 return False
         return True
@@ -184,6 +189,6 @@ class BatchedGeneration(Generation):
                 like.dtype).to(like.device)
         return self.timesteps
 
-    def leave_plan(self) -> None:
-        super().leave_plan()
+    def release(self) -> None:
+        super().release()
         self.chunk = None

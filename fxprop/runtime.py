@@ -1,114 +1,149 @@
-"""The runtime: a module with the UNet's own call signature that follows a plan.
+"""The runtime: follows a plan across the UNet calls of a generation.
 
-:class:`AcceleratedUNet` captures the UNet once per input signature, splits it with the
-policy's cut, and at every call runs the step function of :class:`~fxprop.follow.PlanFollower`:
-the full graph at a key step (output and frontier), else the every-step part on the cached or
-forecast frontier. Its cross-step state belongs to the current generation: the last key
-frontiers (see :mod:`fxprop.forecast`) and, in parallel mode, the outputs of the current chunk
-of steps (see :mod:`fxprop.parallel`). Any call that does not match the plan runs the whole
-UNet, which is always correct, and warns once.
+:class:`AcceleratedUNet` holds a UNet and a policy. It intercepts the UNet's own forward
+(:mod:`fxprop.intercept`), so the UNet stays the user's module, and runs there, whenever one of
+its scopes is active (its own call, or a pipeline call), the step function of
+:class:`~fxprop.follow.PlanFollower`: the full graph at a key step (output and frontier), else
+the every-step part on the cached or forecast frontier. Graphs come from the UNet's capture
+cache, keyed by what the UNet is (:func:`~fxprop.fingerprint.fingerprint`, read once per
+generation) and the call signature. Cross-step state belongs to the generation, which belongs
+to its scope: the last key frontiers (:mod:`fxprop.forecast`) and, in parallel mode, the
+outputs of the current chunk of steps (:mod:`fxprop.parallel`). Any call that does not match
+the plan runs the original forward, which is always correct, and warns once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.profiler import record_function
 
-from .capture import CallKey, Captured, FlatCall, capture, flatten_call
+from .capture import Captured, FlatCall, capture, flatten_call
 from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
-from .follow import Generation, PlanFollower, TimestepSource
+from .fingerprint import fingerprint
+from .follow import FollowState, Generation, PlanFollower, Scope, TimestepSource, scoped
+from .intercept import NOT_PLANNED, check_hooks, intercept, intercepted, release
 from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
                        repeated_call, steps_per_call, timestep_vector)
 from .plan import Plan
 from .regions import resolve_layout
 from .split import Parts, split
 
-__all__ = ["AcceleratedUNet", "TimestepSource"]
+__all__ = ["AcceleratedUNet", "TimestepSource", "plain_unet"]
 
 
 class AcceleratedUNet(PlanFollower):
-    """Drop-in replacement of a UNet that reuses features across steps by a plan."""
+    """A UNet that reuses features across steps by a plan; called like the UNet itself.
+
+    The UNet is intercepted in place (see the module docstring); this module is its entry for
+    hand-written loops (``set_timesteps``, then one call per step) and the runtime that
+    accelerated pipelines activate around each call.
+    """
 
     def __init__(self, unet: nn.Module, policy: Policy,
                  timestep_source: TimestepSource | None = None,
                  compile: bool | dict | CompileOptions | None = None) -> None:
         super().__init__(timestep_source)
-        self.unet = unet
+        self.unet = plain_unet(unet)
         self.policy = policy
         self.compile_options = compile_options(compile)
-        self.layout = resolve_layout(unet, policy.regions)
-        policy.validate(unet)
-        self._captured: dict[CallKey, tuple[Captured, Parts]] = {}
-        self._batched: dict[tuple[CallKey, int], Parts] = {}
-        self._timestep_name = _timestep_name(unet)
+        self.layout = resolve_layout(self.unet, policy.regions)
+        policy.validate(self.unet)
+        self._intercept = intercept(self.unet, self)
+        self._timestep_name = _timestep_name(self._intercept.original_forward)
 
     def __getattr__(self, name: str) -> Any:
-        # Pipelines read ``unet.config``, ``unet.dtype``, ``unet.add_embedding`` ...
+        # Reads of the UNet's attributes (``config``, ``dtype`` ...) through the runtime.
         try:
             return super().__getattr__(name)
         except AttributeError:
             modules = self.__dict__.get("_modules") or {}
             if "unet" not in modules:
                 raise
-            value = getattr(modules["unet"], name)
-            if name in MUTATORS and callable(value):
-                return _clearing(value, self)
-            return value
+            return getattr(modules["unet"], name)
 
     def with_policy(self, policy: Policy) -> "AcceleratedUNet":
-        """A runtime of the same UNet with ``policy``; it shares this one's captured graphs
-        when both cut alike (same reuse mode, branch and layout), so re-planning costs no new
-        capture."""
-        other = AcceleratedUNet(self.unet, policy, self.timestep_source, self.compile_options)
-        if policy.cut_id == self.policy.cut_id and other.layout == self.layout:
-            other._captured, other._batched = self._captured, self._batched
-        return other
+        """A runtime of the same UNet with ``policy`` (it shares the UNet's captured graphs)."""
+        return AcceleratedUNet(self.unet, policy, self.timestep_source, self.compile_options)
 
     @property
     def captures(self) -> int:
-        """How many call signatures have a captured graph (batched ones of parallel mode
-        included)."""
-        return len(self._captured)
+        """How many captured graphs the UNet's cache holds (of every runtime of the UNet, and
+        batched ones of parallel mode)."""
+        return len(self._intercept.captures)
 
     def clear_captures(self) -> None:
-        """Drop every captured graph (and the generation). Needed after changing the UNet in a
-        way its graphs baked in (attention processors, FreeU, new LoRA scales); the methods
-        that do so are called through this module and clear it themselves (``MUTATORS``)."""
-        self._captured.clear()
-        self._batched.clear()
-        self.reset()
+        """Drop every captured graph of the UNet (never needed for correctness: a changed UNet
+        is captured anew; this frees their memory)."""
+        self._intercept.captures.clear()
+
+    def release(self) -> None:
+        """This runtime no longer runs the UNet (what :func:`fxprop.restore` does); the UNet
+        is no longer intercepted once no runtime of it is left."""
+        release(self.unet, self)
+
+    @contextlib.contextmanager
+    def scope(self, state: FollowState | None = None) -> Iterator[Scope]:
+        """Make this runtime follow ``state`` (default: this thread's) for calls of its UNet
+        inside the block; pipelines open one per call with a fresh state."""
+        if intercepted(self.unet) is not self._intercept or self not in self._intercept.users:
+            raise RuntimeError(f"this runtime of {type(self.unet).__name__} was released "
+                               "(fxprop.restore): accelerate the UNet again")
+        with scoped(Scope(self, state or self.follow_state())) as active:
+            yield active
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def parts_for(self, call: FlatCall) -> tuple[Captured, Parts]:
-        """Captured graph and parts for this call's signature, captured (and, with
-        ``compile=``, wrapped by ``torch.compile``) on first use."""
-        if call.key not in self._captured:
-            captured, parts = self.split_call(call)
-            self._captured[call.key] = captured, compile_parts(parts, self.compile_options)
-        return self._captured[call.key]
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.scope():
+            return self.unet(*args, **kwargs)  # its hooks run; the interception calls planned
+
+    def planned(self, args: tuple, kwargs: dict) -> Any:
+        """The UNet's output by the plan, or ``NOT_PLANNED`` (the caller runs the original)."""
+        call = flatten_call(self._intercept.original_forward, args, kwargs)
+        gen = self._on_plan(call.timestep)
+        if gen is None:
+            return NOT_PLANNED
+        if gen.model_state is None:
+            gen.model_state = self.model_state()
+        captured, parts = self.parts_for(call, gen.model_state)  # may raise: step not consumed
+        out = self.run_planned(gen, call, parts)
+        if out is None:
+            return NOT_PLANNED
+        return pytree.tree_unflatten(list(out), captured.out_spec)
+
+    def model_state(self) -> int:
+        """The UNet's fingerprint now: what its captured graphs are valid for."""
+        return fingerprint(self.unet)
+
+    def parts_for(self, call: FlatCall, state: int | None = None) -> tuple[Captured, Parts]:
+        """Captured graph and parts for this call's signature and the UNet's ``state``
+        (default: now), captured (and, with ``compile=``, wrapped by ``torch.compile``) on
+        first use; cached in the UNet's capture cache."""
+        state = self.model_state() if state is None else state
+        entry = self._intercept.captures.entry(state, call.key, lambda: self._capture(call))
+        parts = entry.get(("parts", self.policy.cut_id, self.layout, repr(self.compile_options)),
+                          lambda: compile_parts(self._split(entry.captured),
+                                                self.compile_options))
+        return entry.captured, parts
 
     def split_call(self, call: FlatCall) -> tuple[Captured, Parts]:
         """Capture the UNet for ``call`` and cut it with the policy's cut (uncached, eager)."""
-        captured = capture(self.unet, call)
-        return captured, split(captured, self.policy.cut(captured, self.layout))
+        captured = self._capture(call)
+        return captured, self._split(captured)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        call = flatten_call(self.unet.forward, args, kwargs)
-        gen = self._on_plan(call.timestep)
-        if gen is None:
-            return self.unet(*args, **kwargs)
-        captured, parts = self.parts_for(call)  # may raise: then the step is not consumed
-        out = self.run_planned(gen, call, parts)
-        if out is None:
-            return self.unet(*args, **kwargs)
-        return pytree.tree_unflatten(list(out), captured.out_spec)
+    def _capture(self, call: FlatCall) -> Captured:
+        check_hooks(self.unet)  # hooks added since accelerate() would be skipped: refuse
+        return capture(self.unet, call, self._intercept.original_forward)
+
+    def _split(self, captured: Captured) -> Parts:
+        return split(captured, self.policy.cut(captured, self.layout))
 
     # -- parallel mode: the step function's key and reuse steps, batched -------------------------
 
@@ -155,7 +190,7 @@ class AcceleratedUNet(PlanFollower):
         """Run the every-step part once for ``steps`` and keep the outputs; return the first."""
         batch, times, t_index = _batch(call), len(steps), self._timestep_index(call)
         timesteps = timestep_vector(gen.timesteps_like(call.tensors[t_index]), steps, batch)
-        batched = self._batched_parts(call, parts, times, timesteps)
+        batched = self._batched_parts(gen, call, parts, times, timesteps)
         with record_function(f"fxprop.step[x{times}]"):  # with the repeats: all a chunk costs
             inputs = batched_inputs(call, batched.step_inputs, batch, times, t_index, timesteps)
             frontier = gen.frontiers.batched(steps, [gen.plan.weights[s] for s in steps])
@@ -165,47 +200,46 @@ class AcceleratedUNet(PlanFollower):
         gen.chunk = Chunk(steps, tuple(outputs), batch, Inputs.of(call, every_step))
         return gen.chunk.take(steps.start)
 
-    def _batched_parts(self, call: FlatCall, parts: Parts, times: int,
+    def _batched_parts(self, gen: Generation, call: FlatCall, parts: Parts, times: int,
                        timesteps: torch.Tensor) -> Parts:
-        """Parts of the UNet captured at ``times`` x this call's batch (cached by CallKey)."""
-        if (call.key, times) not in self._batched:
-            repeated = repeated_call(self.unet.forward, call, times, self._timestep_index(call),
-                                     timesteps)
-            batched = self.parts_for(repeated)[1]
+        """Parts of the UNet captured at ``times`` x this call's batch (cached with the
+        captured graph of ``call``)."""
+        entry = self._intercept.captures.entry(gen.model_state, call.key,
+                                               lambda: self._capture(call))
+
+        def make() -> Parts:
+            repeated = repeated_call(self._intercept.original_forward, call, times,
+                                     self._timestep_index(call), timesteps)
+            batched = self.parts_for(repeated, gen.model_state)[1]
             check_batched(parts, batched, 0, times)
-            self._batched[call.key, times] = batched
-        return self._batched[call.key, times]
+            return batched
+
+        return entry.get(("batched", self.policy.cut_id, self.layout,
+                          repr(self.compile_options), times), make)
 
     def _timestep_index(self, call: FlatCall) -> int:
         """Index of the timestep among the call's tensor leaves (the forward's 2nd argument)."""
         return call.names.index(self._timestep_name)
 
 
-#: UNet methods that change what a captured graph computes: called through the runtime, they
-#: drop its captures (the next call captures the changed UNet).
-MUTATORS = frozenset({
-    "load_lora_adapter", "load_attn_procs", "set_adapters", "set_adapter", "enable_adapters",
-    "disable_adapters", "delete_adapters", "fuse_lora", "unfuse_lora", "unload_lora",
-    "set_attn_processor", "set_default_attn_processor", "fuse_qkv_projections",
-    "unfuse_qkv_projections", "enable_freeu", "disable_freeu",
-})
+def plain_unet(unet: nn.Module) -> nn.Module:
+    """``unet`` itself, or a clear error for wrappers fxprop cannot cut."""
+    if isinstance(unet, AcceleratedUNet):
+        return unet.unet
+    if isinstance(unet, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError(f"the UNet is a torch.compile'd module ({type(unet).__name__} of "
+                         f"{type(unet._orig_mod).__name__}), which fxprop cannot cut: pass the "
+                         "module it wraps (unet._orig_mod) and compile=True, and fxprop "
+                         "compiles the parts it runs")
+    return unet
 
 
-def _clearing(method: Any, runtime: "AcceleratedUNet") -> Any:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        finally:
-            runtime.clear_captures()
-    return call
-
-
-def _timestep_name(unet: nn.Module) -> str:
-    """The name of the UNet's second ``forward`` parameter, the timestep."""
-    names = list(inspect.signature(unet.forward).parameters)
+def _timestep_name(forward: Any) -> str:
+    """The name of the UNet forward's second parameter, the timestep."""
+    names = list(inspect.signature(forward).parameters)
     if len(names) < 2:
         raise TypeError(f"fxprop accelerates UNets called as forward(sample, timestep, ...); "
-                        f"{type(unet).__name__}.forward takes {names}")
+                        f"{getattr(forward, '__qualname__', forward)} takes {names}")
     return names[1]
 
 

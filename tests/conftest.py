@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import weakref
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -160,29 +158,3 @@ def assert_differs(actual, expected, atol: float, what: str = "outputs") -> None
     comparison elsewhere in the test is not vacuous (e.g. features really were reused)."""
     diff = torch.as_tensor(actual - expected).abs().max().item()
     assert diff > atol, f"{what} should differ by more than {atol}, max |diff| is {diff}"
-
-
-# -- captures shared between runtimes (test_models.py, test_deep.py) --------------------------
-
-@contextlib.contextmanager
-def shared_captures():
-    """Capture is a pure function of UNet and call signature: share it between the runtimes
-    of one UNet (each ``fxprop.accelerate`` of a UNet otherwise captures it anew).
-
-    Patches ``fxprop.runtime.capture``, a library internal: to be replaced by a public API
-    (captures cached per UNet, or ``with_policy`` sharing captures across cuts)."""
-    import fxprop.capture
-    import fxprop.runtime
-
-    memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-    real = fxprop.capture.capture
-
-    def capture(unet, call):
-        per_unet = memo.setdefault(unet, {})
-        if call.key not in per_unet:
-            per_unet[call.key] = real(unet, call)
-        return per_unet[call.key]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fxprop.runtime, "capture", capture)
-        yield

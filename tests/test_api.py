@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -23,8 +25,10 @@ def test_bad_targets_and_options():
         fxprop.accelerate("unet")
     with pytest.raises(ValueError, match="unknown reuse 'decoder'"):
         fxprop.accelerate(sd_unet(), reuse="decoder")
-    with pytest.raises(ValueError, match="prior_noise must be a non-negative number, got -1"):
-        fxprop.accelerate(sd_unet(), prior_noise=-1)
+    for bad in (-1, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match=f"prior_noise must be a finite number >= 0, got "
+                                             f"{re.escape(repr(bad))}"):
+            fxprop.accelerate(sd_unet(), prior_noise=bad)
     with pytest.raises(ValueError, match="max_batch bounds"):
         fxprop.accelerate(sd_unet(), max_batch=4)
 
@@ -46,11 +50,13 @@ def test_restore_is_bit_for_bit_and_untouched_restore_raises():
         fxprop.restore(pipe)
     plain = _run(pipe)
     fxprop.accelerate(pipe, key_steps="faster-diffusion")
-    assert isinstance(pipe, original_class) and pipe.unet is not original_unet
+    assert isinstance(pipe, original_class) and pipe.unet is original_unet
+    assert type(pipe).__name__ == original_class.__name__  # what save_pretrained writes
     fxprop.accelerate(pipe, key_steps=[0, 4])  # again: re-plans cleanly
     accelerated = _run(pipe)
     assert fxprop.restore(pipe) is pipe
     assert type(pipe) is original_class and pipe.unet is original_unet
+    assert "forward" not in vars(pipe.unet) or not fxprop.intercept.intercepted(pipe.unet)
     assert torch.equal(_run(pipe), plain)
     assert not torch.equal(accelerated, plain)  # a sparse plan really reuses features
     with pytest.raises(ValueError, match="was not accelerated"):
@@ -97,8 +103,7 @@ def test_interrupted_generation_leaves_nothing_behind():
 
     with pytest.raises(KeyboardInterrupt):
         _run(pipe, callback_on_step_end=stop)
-    adapter = pipe._fxprop
-    assert adapter.runtime.plan is None and adapter.initial_latents is None
+    assert fxprop.runtime_of(pipe).plan is None  # the call's state went with the call
     fresh = fxprop.accelerate(sd_pipeline(), key_steps=[0, 3])
     assert torch.equal(_run(pipe), _run(fresh))
 

@@ -14,9 +14,8 @@ from DeepCache import DeepCacheSDHelper
 
 import fxprop
 import fxprop.capture
-import fxprop.runtime
 from conftest import (TEXT_DIM, assert_differs, controlnet_pipeline, ddpm_pipeline, sd_pipeline,
-                      sd_unet, sdxl_unet, shared_captures, text_embeds)
+                      sd_unet, sdxl_unet, text_embeds)
 from fxprop.config import DeepCache, make_policy
 from fxprop.deep import branch_target, deep_cut, valid_branches
 from fxprop.regions import find_layout, module_path
@@ -24,14 +23,6 @@ from fxprop.schedules import deepcache_nonuniform, key_step_schedule
 from fxprop.split import check_split, split
 
 STEPS = 7
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_capture_per_unet():
-    """Each accelerate() re-captures its UNet; share captures between this module's policies
-    (capture is a pure function of UNet and call signature) to keep the module fast."""
-    with shared_captures():
-        yield
 
 
 # -- schedules ------------------------------------------------------------------------------
@@ -160,7 +151,7 @@ def _skipped(path, k, r, branch):
 def test_deep_split_composes_for_every_branch(kind):
     unet, args, kwargs = _tiny(kind)
     call = fxprop.capture.flatten_call(unet.forward, args, kwargs)
-    captured, layout = fxprop.runtime.capture(unet, call), find_layout(unet)
+    captured, layout = fxprop.capture.capture(unet, call), find_layout(unet)
     resnets = [len(b.resnets) for b in unet.up_blocks]
     for branch in valid_branches(resnets):
         parts = split(captured, deep_cut(captured, layout, branch))

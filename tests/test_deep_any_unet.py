@@ -11,25 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-import fxprop.runtime
+import fxprop.capture
 from conftest import ddpm_pipeline, sd_unet, sdxl_unet
 from fxprop.capture import flatten_call
 from fxprop.deep import branch_target, deep_cut, find_branches, valid_branches
 from fxprop.regions import module_path, resolve_layout
 from fxprop.split import check_split, split
 from ldm_unet import zero_init_layers
-from conftest import shared_captures
 from test_models import (MODELS, TIMESTEPS, Model, accelerate, check_model, generate,
                          sparse_generation, unet_of)
 
 LDM = {"sd1": "LDM UNetModel (input_blocks/output_blocks)",
        "sdxl": "LDM UNetModel, SDXL-shaped (3 levels, depth per level, label embedding)"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_capture_per_call():
-    with shared_captures():
-        yield
 
 
 def assert_steps_close(actual: list, expected: list, atol: float = 1e-5) -> None:
@@ -45,7 +38,7 @@ def assert_steps_differ(actual: list, expected: list, more_than: float = 1e-4) -
 def captured_of(model: Model, unet: nn.Module):
     x, args, kwargs = model.call()
     call = flatten_call(unet.forward, (x, TIMESTEPS[0], *args), kwargs)
-    return fxprop.runtime.capture(unet, call), call
+    return fxprop.capture.capture(unet, call), call
 
 
 # -- LDM against an eager oracle -------------------------------------------------------------
@@ -202,7 +195,8 @@ def test_regions_reach_the_lowest_resolution_merges():
              for kind, m in lucid.items()}
     # two skips per level and the init_conv skip r; without names the lowest level is deep
     assert len(found["regions="]) == 5 and len(found["structural"]) == 3
-    assert [b.merge for b in found["structural"]] == [b.merge for b in found["regions="]][:3]
+    assert ([b.merge.name for b in found["structural"]]
+            == [b.merge.name for b in found["regions="]][:3])
     assert "final_res_block" in found["regions="][0].layer
 
 

@@ -297,7 +297,7 @@ def test_pipelines_with_forecast(case, scheduler, reuse):
     plain = factory()
     accelerated = fxprop.accelerate(type(plain)(**plain.components), key_steps=1,
                                     prior_noise=0, forecast=2, reuse=reuse)
-    runtime = accelerated.unet
+    runtime = fxprop.runtime_of(accelerated)
     reference = _run(plain, kwargs(), scheduler)
     torch.testing.assert_close(_run(accelerated, kwargs(), scheduler), reference,
                                rtol=0, atol=1e-5)

@@ -21,9 +21,9 @@ from diffusers import (MotionAdapter, UNet2DModel, UNet3DConditionModel, UNetMot
 from torch import nn
 
 import fxprop
-import fxprop.runtime
+import fxprop.capture
 from conftest import (TEXT_DIM, assert_differs, make_scheduler, sample_of, sd_unet,
-                      shared_captures, text_embeds, tiny_vae)
+                      text_embeds, tiny_vae)
 from fxprop.capture import Captured, flatten_call
 from fxprop.cuts import encoder_cut, find_bottleneck
 from fxprop.regions import module_path, resolve_layout
@@ -280,12 +280,6 @@ def unet_of(model: Model) -> nn.Module:
     return _UNETS[model.build]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_capture_per_call():
-    with shared_captures():
-        yield
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_split_composes_and_every_step_key_equals_plain(name):
     model = MODELS[name]
@@ -324,7 +318,7 @@ def test_ldm_is_found_by_name_and_caches_the_encoder():
 def test_structural_fallback_finds_the_cut_the_user_would_name():
     unet = unet_of(MODELS["user-written, structural fallback"])
     x, *_ = MODELS["user-written, structural fallback"].call()
-    captured = fxprop.runtime.capture(unet, flatten_call(unet.forward, (x, TIMESTEPS[0]), {}))
+    captured = fxprop.capture.capture(unet, flatten_call(unet.forward, (x, TIMESTEPS[0]), {}))
     neck = find_bottleneck(captured)
     assert module_path(neck.first).startswith("bottleneck") and neck.resolution == 16
     assert module_path(neck.upsample) == "dec2.up"

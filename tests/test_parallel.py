@@ -92,7 +92,7 @@ def test_parallel_equals_sequential_in_pipelines(pipe, scheduler):
         return pipe(**kwargs(), num_inference_steps=STEPS, output_type="latent",
                     generator=torch.Generator().manual_seed(0)).images
 
-    reference, candidate, calls = _both(pipe.unet, generate)
+    reference, candidate, calls = _both(fxprop.runtime_of(pipe), generate)
     assert any("[x2]" in label for label in calls)
     torch.testing.assert_close(candidate, reference, rtol=0, atol=TOLERANCE)
 
@@ -109,7 +109,7 @@ def test_parallel_equals_sequential_in_ddpm_pipeline():
             return pipe(batch_size=2, num_inference_steps=STEPS, output_type="np",
                         generator=torch.Generator().manual_seed(0)).images
 
-        reference, candidate, calls = _both(pipe.unet, generate)
+        reference, candidate, calls = _both(fxprop.runtime_of(pipe), generate)
         assert "fxprop.step[x2]" in calls and "fxprop.step[x3]" in calls
         torch.testing.assert_close(candidate, reference, rtol=0, atol=TOLERANCE)
 
@@ -178,7 +178,11 @@ def test_with_policy_shares_the_captured_graphs(unet_runtime):
     call = flatten_call(unet_runtime.unet.forward, (torch.randn(2, 4, 8, 8), LOOP_TIMESTEPS[0]),
                         {"encoder_hidden_states": torch.randn(2, 5, 32)})
     other = unet_runtime.with_policy(fxprop.EncoderPropagation(key_steps=2))
-    assert other.parts_for(call) is unet_runtime.parts_for(call)
+    (captured, parts), count = unet_runtime.parts_for(call), unet_runtime.captures
+    again = fxprop.accelerate(unet_runtime.unet, key_steps=3, parallel=True)  # a new runtime
+    for runtime in (other, again):
+        assert runtime.parts_for(call)[0] is captured and runtime.parts_for(call)[1] is parts
+    assert again.captures == count
 
 
 def test_unplanned_timestep_mid_segment_runs_the_whole_unet_and_warns(unet_runtime):

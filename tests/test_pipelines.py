@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
@@ -97,11 +95,11 @@ def test_sparse_key_steps_follow_the_plan(pair, scheduler):
     """Sparse key steps run without falling back to the whole UNet (a fallback warning is an
     error in this suite) and really reuse features."""
     plain, accelerated, kwargs = pair
-    every_key = accelerated.unet.policy
-    accelerated.unet.policy = dataclasses.replace(every_key, key_steps=[0, 2, 3])
+    reuse = fxprop.runtime_of(accelerated).policy.reuse
+    fxprop.accelerate(accelerated, key_steps=[0, 2, 3], prior_noise=0, reuse=reuse)
     try:
         candidate = _run(accelerated, kwargs(), scheduler)
     finally:
-        accelerated.unet.policy = every_key
+        fxprop.accelerate(accelerated, key_steps=1, prior_noise=0, reuse=reuse)
     assert torch.isfinite(candidate).all()
     assert_differs(candidate, plain.output(scheduler), 1e-4, "sparse and plain")

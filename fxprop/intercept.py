@@ -1,0 +1,168 @@
+"""Intercept a UNet's ``forward`` in place, beneath every other wrapper of it.
+
+The UNet stays the user's module (in ``pipe.unet``, a diffusers ``ModelMixin`` with all its
+methods): :class:`Intercept`, registered with diffusers' own :class:`HookRegistry`, replaces
+only the innermost ``forward``. When the calling thread has an active
+:class:`~fxprop.follow.Scope` of a runtime of this UNet (a pipeline call, or a call of an
+:class:`~fxprop.AcceleratedUNet`), the call runs the runtime's planned step; otherwise, and
+whenever the runtime cannot follow its plan, it runs the original forward. Everything that
+wraps the UNet above it (its forward hooks and pre-hooks, accelerate's offload hook, later
+diffusers hooks) runs on every call as before.
+
+The hook also owns the UNet's :class:`~fxprop.cache.CaptureCache`, so every runtime of the UNet
+shares its captured graphs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from typing import Any, Callable
+
+from torch import nn
+
+from .cache import CaptureCache
+from .fingerprint import skipped_hooks
+from .follow import active_scope
+
+__all__ = ["Intercept", "intercept", "release", "intercepted", "registry_of", "as_model_hook",
+           "NOT_PLANNED", "NAME"]
+
+#: The hook's name in the UNet's registry.
+NAME = "fxprop"
+#: Returned by a runtime's planned step when the call must run the original forward.
+NOT_PLANNED = object()
+
+
+@functools.cache
+def as_model_hook(cls: type) -> type:
+    """``cls`` as a diffusers ``ModelHook`` (diffusers is imported when a module is first
+    intercepted, not with fxprop: loading an export needs neither it nor the UNet's class)."""
+    from diffusers.hooks import ModelHook
+    return type(cls.__name__, (cls, ModelHook), {"__module__": cls.__module__,
+                                                 "__qualname__": cls.__qualname__})
+
+
+def registry_of(module: nn.Module) -> Any:
+    """``module``'s diffusers ``HookRegistry`` (made if it has none)."""
+    from diffusers.hooks import HookRegistry
+    return HookRegistry.check_if_exists_or_initialize(module)
+
+
+class Intercept:
+    """Runs the active runtime's planned step in place of the UNet's original forward (a
+    diffusers ``ModelHook``: see :func:`as_model_hook`)."""
+
+    fn_ref: Any
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captures = CaptureCache()
+        self.users: weakref.WeakSet = weakref.WeakSet()  # the runtimes of this UNet
+
+    @property
+    def original_forward(self) -> Callable[..., Any]:
+        """The UNet's forward beneath this hook (what captures trace and fallbacks run)."""
+        return self.fn_ref.original_forward
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        scope = active_scope()
+        if scope is not None and getattr(scope.follower, "unet", None) is module:
+            out = scope.follower.planned(args, kwargs)
+            if out is not NOT_PLANNED:
+                return out
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def intercepted(unet: nn.Module) -> Intercept | None:
+    """The :class:`Intercept` installed on ``unet``, if any."""
+    registry = getattr(unet, "_diffusers_hook", None)
+    return None if registry is None else registry.get_hook(NAME)
+
+
+def intercept(unet: nn.Module, user: Any) -> Intercept:
+    """Install :class:`Intercept` on ``unet`` for ``user`` (a runtime); once per UNet, later
+    runtimes share it.
+
+    Raises:
+        ValueError: ``unet`` cannot be intercepted correctly: its submodules have hooks that a
+            captured graph would not run, or its forward is already replaced by something
+            fxprop cannot run beneath (naming it, and what to do).
+    """
+    hook = intercepted(unet)
+    if hook is None:
+        check_hooks(unet)
+        offload = _detach_accelerate_hook(unet)
+        try:
+            _check_forward(unet)
+            hook = as_model_hook(Intercept)()
+            registry_of(unet).register_hook(hook, NAME)
+        finally:
+            _attach(unet, offload)  # back on top: it runs around fxprop, as before
+    hook.users.add(user)
+    return hook
+
+
+def release(unet: nn.Module, user: Any) -> None:
+    """``user`` no longer runs ``unet``; the last one removes :class:`Intercept` (and the
+    captured graphs with it)."""
+    hook = intercepted(unet)
+    if hook is None:
+        return
+    hook.users.discard(user)
+    if len(hook.users):
+        return
+    offload = _detach_accelerate_hook(unet)  # the registry restores forward beneath it
+    registry_of(unet).remove_hook(NAME, recurse=False)
+    _attach(unet, offload)
+
+
+def _attach(unet: nn.Module, hook: Any) -> None:
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+        add_hook_to_module(unet, hook)
+
+
+def check_hooks(unet: nn.Module) -> None:
+    """Raise if submodules of ``unet`` have hooks (a captured graph inlines submodules)."""
+    hooks = skipped_hooks(unet)
+    if hooks:
+        raise ValueError(
+            f"fxprop runs {type(unet).__name__} as a captured graph, which computes its "
+            f"submodules without calling them, so their hooks would not run: {hooks[:3]}"
+            f"{' ...' if len(hooks) > 3 else ''}. Remove them (accelerate's sequential CPU "
+            "offload and diffusers' group offloading and block caches install such hooks; "
+            "enable_model_cpu_offload works with fxprop)")
+
+
+def _detach_accelerate_hook(unet: nn.Module) -> Any:
+    """Take accelerate's hook (model CPU offload) off ``unet``, to put it back above fxprop."""
+    hook = getattr(unet, "_hf_hook", None)
+    if hook is None:
+        return None
+    from accelerate.hooks import remove_hook_from_module
+    remove_hook_from_module(unet)
+    return hook
+
+
+def _check_forward(unet: nn.Module) -> None:
+    """Raise unless ``unet.forward`` is its class's (or already behind diffusers' registry
+    with no hooks): a wrapper beneath fxprop would be skipped by the captured graph."""
+    registry = getattr(unet, "_diffusers_hook", None)
+    if registry is not None and registry.hooks:
+        raise ValueError(f"{type(unet).__name__} already has diffusers hooks "
+                         f"{list(registry.hooks)}; fxprop must run beneath them: remove them, "
+                         "call fxprop.accelerate, then add them again")
+    forward = unet.__dict__.get("forward")
+    if forward is None or _is_class_forward(forward, unet):
+        return
+    raise ValueError(f"{type(unet).__name__}.forward is replaced by {forward!r}; fxprop "
+                     "intercepts the UNet's own forward and would skip that wrapper: accelerate "
+                     "the module before wrapping it")
+
+
+def _is_class_forward(forward: Any, unet: nn.Module) -> bool:
+    inner = inspect.unwrap(forward) if not inspect.ismethod(forward) else forward
+    return (getattr(inner, "__self__", None) is unet
+            and getattr(inner, "__func__", None) is type(unet).forward)

@@ -96,9 +96,10 @@ def skipped_hooks(module: nn.Module) -> list[str]:
         if not path:
             continue  # the module's own hooks run: fxprop intercepts beneath them
         state = sub.__dict__
-        for kind in ("_forward_hooks", "_forward_pre_hooks"):
+        for kind, label in (("_forward_hooks", "forward hooks"),
+                            ("_forward_pre_hooks", "forward pre-hooks")):
             if state.get(kind):
-                found.append(f"{path}: {kind[1:-1].replace('_', ' ')}")
+                found.append(f"{path}: {label}")
         if "_hf_hook" in state:
             found.append(f"{path}: accelerate {type(state['_hf_hook']).__name__}")
         elif _wrapped_forward(sub):

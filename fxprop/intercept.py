@@ -90,9 +90,9 @@ def intercept(unet: nn.Module, user: Any) -> Intercept:
             captured graph would not run, or its forward is already replaced by something
             fxprop cannot run beneath (naming it, and what to do).
     """
+    check_hooks(unet)
     hook = intercepted(unet)
     if hook is None:
-        check_hooks(unet)
         offload = _detach_accelerate_hook(unet)
         try:
             _check_forward(unet)

@@ -70,9 +70,9 @@ class PipelineAdapter:
 
     def new_call(self) -> PipelineCall:
         """A fresh call state, with the prior noise weight this call's scheduler allows."""
-        return PipelineCall(prior_noise=self._prior_noise_for(self.pipe.scheduler))
+        return PipelineCall(prior_noise=self.prior_noise_for(self.pipe.scheduler))
 
-    def _prior_noise_for(self, scheduler: Any) -> float:
+    def prior_noise_for(self, scheduler: Any) -> float:
         """The weight for a call with ``scheduler`` (the pipeline's may have been swapped)."""
         reason = undefined_for(scheduler) if self.prior_noise else None
         if reason is None:
@@ -85,7 +85,7 @@ class PipelineAdapter:
         """Keep ``z_T``; inject before step 0 if that step is already below the threshold."""
         call.initial_latents = latents
         if call.prior_noise and timestep is not None and self._below_half(timestep):
-            return latents + call.prior_noise * self._increment(latents, self._begin())
+            return latents + call.prior_noise * self._increment(latents, self.begin_index())
         return latents
 
     def _below_half(self, timestep: Any) -> bool:
@@ -93,7 +93,8 @@ class PipelineAdapter:
         first = torch.as_tensor(timestep).flatten()[0].item()
         return horizon is not None and first < 0.5 * horizon
 
-    def _begin(self) -> int:
+    def begin_index(self) -> int:
+        """Where the pipeline's generation starts in its scheduler's timesteps."""
         return getattr(self.pipe.scheduler, "begin_index", None) or 0
 
     def _increment(self, initial: torch.Tensor, index: int) -> torch.Tensor:
@@ -117,10 +118,6 @@ class PipelineAdapter:
             return out
 
         return on_step_end
-
-
-def _adapter(pipe: Any) -> PipelineAdapter:
-    return pipe.__dict__[_ATTR]
 
 
 def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -169,7 +166,7 @@ def _prepare_latents(self: Any, *args: Any, **kwargs: Any) -> Any:
     if timestep is None:
         timesteps = getattr(self.scheduler, "timesteps", None)
         timestep = None if timesteps is None or len(timesteps) == 0 else timesteps[
-            adapter._begin()]
+            adapter.begin_index()]
     latents = adapter.record(call, latents, timestep)
     return (latents, *out[1:]) if isinstance(out, tuple) else latents
 
@@ -221,8 +218,8 @@ def _supports_prior_noise(cls: type) -> bool:
 
 
 def _resolve_prior_noise(pipe: Any, cls: type, policy: Policy, explicit: bool) -> float:
-    """The prior noise weight of ``pipe`` (of class ``cls``), checked against its class and
-    its scheduler now."""
+    """The prior noise weight of ``pipe`` (of class ``cls``), checked against its class (its
+    scheduler is checked at every call: it may be swapped)."""
     if not policy.prior_noise:
         return 0.0
     if not _supports_prior_noise(cls):
@@ -233,9 +230,6 @@ def _resolve_prior_noise(pipe: Any, cls: type, policy: Policy, explicit: bool) -
         warnings.warn(f"{message}; running without it (pass prior_noise=0 to silence this)",
                       stacklevel=4)
         return 0.0
-    reason = undefined_for(pipe.scheduler)
-    if reason is not None and explicit:
-        raise ValueError(f"fxprop: {reason}; pass prior_noise=0 (or use another scheduler)")
     return policy.prior_noise
 
 
@@ -247,9 +241,14 @@ def accelerate_pipeline(pipe: Any, policy: Policy, explicit_prior_noise: bool,
     prior_noise = _resolve_prior_noise(pipe, cls, policy, explicit_prior_noise)
     runtime = AcceleratedUNet(pipe.unet, policy, compile=compile)  # shares the UNet's captures
     runtime.timestep_source = lambda: pipe.scheduler
+    adapter = PipelineAdapter(pipe, runtime, cls, prior_noise, explicit_prior_noise)
+    try:
+        adapter.prior_noise_for(pipe.scheduler)  # an explicit weight it cannot take: raise now
+    except ValueError:
+        runtime.release()
+        raise
     if previous is not None:
         restore_pipeline(pipe)
-    adapter = PipelineAdapter(pipe, runtime, cls, prior_noise, explicit_prior_noise)
     _gate_controlnet(pipe, adapter)
     pipe.__dict__[_ATTR] = adapter
     pipe.__class__ = _accelerated_class(cls)

@@ -158,3 +158,33 @@ def assert_differs(actual, expected, atol: float, what: str = "outputs") -> None
     comparison elsewhere in the test is not vacuous (e.g. features really were reused)."""
     diff = torch.as_tensor(actual - expected).abs().max().item()
     assert diff > atol, f"{what} should differ by more than {atol}, max |diff| is {diff}"
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage alive in the process (after a collection): what a test
+    compares before and after a generation to show nothing was kept."""
+    import gc
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            try:
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # fake tensors of a past capture
+                continue
+    return sum(storages.values())
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """A LoRA for ``decoder_attn_unet`` saved as diffusers writes it (random B: it matters)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    unet = decoder_attn_unet()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]), "a")
+    path = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(
+        unet, adapter_name="a"))
+    return path

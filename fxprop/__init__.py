@@ -1,6 +1,8 @@
 """fxprop: training-free acceleration of diffusion UNets as torch.fx graph transformations."""
 
 from .api import accelerate, restore
+from .calibrate import calibrate
+from .calibration import Calibration
 from .compile import CompileOptions
 from .config import DeepCache, EncoderPropagation, Policy
 from .deep import branches
@@ -17,5 +19,5 @@ __all__ = ["accelerate", "restore", "AcceleratedUNet", "EncoderPropagation", "De
            "branches", "Plan",
            "Segment", "make_plan", "PRESETS", "every", "faster_diffusion", "deepcache_nonuniform",
            "key_step_schedule", "CompileOptions", "export", "load",
-           "LoadedUNet", "signal_levels", "fingerprint", "runtime_of"]
+           "LoadedUNet", "signal_levels", "fingerprint", "runtime_of", "calibrate", "Calibration"]
 __version__ = "0.1.0"

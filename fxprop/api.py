@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from .calibration import Calibration
 from .compile import compile_options
 from .config import make_policy
 from .pipelines import accelerate_pipeline, is_pipeline, restore_pipeline
@@ -25,7 +26,10 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
             :class:`AcceleratedUNet` of it is returned, for hand-written loops).
         key_steps: steps where the cut part runs: a preset name (``"faster-diffusion"``), an
             interval ``N`` (every N-th step from 0) or a sorted list of steps containing 0.
-            ``None`` takes the policy's default.
+            ``None`` takes the policy's default. A :class:`~fxprop.Calibration` (from
+            :func:`fxprop.calibrate`) sets the cut, forecast and key steps it chose; it
+            raises ``ValueError`` for another model or scheduler class now, and for a
+            generation of another step count then.
         reuse: ``"encoder"`` (encoder propagation, Faster Diffusion; see
             :class:`~fxprop.EncoderPropagation`) or ``"deep"`` (deep-feature caching, DeepCache;
             see :class:`~fxprop.DeepCache`).
@@ -50,6 +54,11 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
             sequential CPU offload; a ``torch.compile``'d module: pass the module it wraps
             and ``compile=True``).
     """
+    if isinstance(key_steps, Calibration):  # its cut, order and key steps, checked
+        calibrated = key_steps.policy_options(target)
+        reuse, key_steps = calibrated.pop("reuse"), calibrated.pop("key_steps")
+        prior_noise = calibrated.pop("prior_noise") if prior_noise is None else prior_noise
+        options = {**calibrated, **options}
     policy = make_policy(reuse, key_steps=key_steps, prior_noise=prior_noise,
                          parallel=parallel, max_batch=max_batch, **options)
     compile_options(compile)  # validate before touching the target

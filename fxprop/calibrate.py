@@ -1,0 +1,289 @@
+"""Calibration: measure what reuse costs on the model itself, then choose the schedule.
+
+A few plain generations are recorded (the UNet's calls and the final sample). For each,
+:mod:`fxprop.propagation` measures how much an output error at a step moves the final sample
+(a few replays from probed steps), and :mod:`fxprop.measure` the output error of every cut and
+forecast order from every earlier key-step state, weighted by that gain: the error tables.
+:mod:`fxprop.optimise` chooses the key steps of least predicted final error exactly per cut and
+order; the best candidates (the optimiser's and the evenly spaced schedule of as many key steps,
+for the two best cuts and orders) are then run accelerated on the calibration calls and the one
+whose final samples are nearest plain's is chosen (``verify=``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import Calibration, fingerprint
+from .capture import FlatCall, flatten_call
+from .forecast import check_forecast, signal_levels
+from .measure import Measurement, states
+from .optimise import (Option, check_budget, check_speedup_target, choose, options,
+                       schedule_error, speedup, state_after)
+from .propagation import final_of, gains, probe_steps, record
+
+__all__ = ["calibrate", "measure", "choose_calibration", "error_curve", "Measurement", "states"]
+
+
+def _generators(call: Any) -> list[torch.Generator]:
+    return [g for g in pytree.tree_leaves(call) if isinstance(g, torch.Generator)]
+
+
+def _runner(target: Any, num_inference_steps: int | None, scheduler: Any
+            ) -> tuple[nn.Module, Any, Callable[[Any], Callable[[], Any]]]:
+    """The UNet, the scheduler, and ``make(call)``: a function that runs one call, the same
+    way each time (a pipeline's generators are reset to their state at ``make``)."""
+    from .pipelines import runtime_of
+    from .runtime import AcceleratedUNet
+
+    unet = getattr(target, "unet", None)
+    if isinstance(target, AcceleratedUNet) or (
+            hasattr(target, "scheduler") and runtime_of(target) is not None):
+        raise ValueError("calibrate measures plain sampling, and this target is accelerated by "
+                         "fxprop: pass fxprop.restore(target) instead")
+    if isinstance(unet, nn.Module) and hasattr(target, "scheduler"):
+        extra = {} if num_inference_steps is None else {
+            "num_inference_steps": num_inference_steps}
+
+        def make_pipeline_run(call: Any) -> Callable[[], Any]:
+            if not isinstance(call, dict):
+                raise TypeError(f"calls of a pipeline are dicts of its arguments, got "
+                                f"{type(call).__name__}")
+            saved = [(g, g.get_state()) for g in _generators(call)]
+
+            def run() -> Any:
+                for g, state in saved:
+                    g.set_state(state)
+                return target(**call, **extra)
+            return run
+        return unet, target.scheduler, make_pipeline_run
+    if not isinstance(target, nn.Module):
+        raise TypeError(f"calibrate takes a diffusers pipeline with a .unet or a UNet module, "
+                        f"got {type(target).__name__}")
+    if scheduler is None:
+        raise ValueError("calibrating a bare UNet needs scheduler= (the scheduler your loop "
+                         "uses: its class is part of the calibration)")
+
+    def make_loop_run(call: Any) -> Callable[[], Any]:
+        if not callable(call):
+            raise TypeError(f"calls of a bare UNet are your sampling loops, functions "
+                            f"unet -> anything, got {type(call).__name__}")
+        return lambda: call(target)
+    return target, scheduler, make_loop_run
+
+
+def _positions(scheduler: Any, num_steps: int) -> dict[str, list[float]]:
+    """Every forecast variable's value per step (``signal`` only if the scheduler tells it)."""
+    out = {"step": [float(i) for i in range(num_steps)]}
+    try:
+        levels = signal_levels(scheduler)
+    except (ValueError, AttributeError, TypeError, IndexError):
+        return out
+    if len(levels) >= num_steps:
+        out["signal"] = [float(x) for x in levels[len(levels) - num_steps:]]
+    return out
+
+
+def _flat_generation(unet: nn.Module, recorded: list, index: int) -> list[FlatCall]:
+    forward = type(unet).forward.__get__(unet)
+    flat = [flatten_call(forward, args, kwargs) for args, kwargs in recorded]
+    if len(flat) < 2:
+        raise ValueError(f"call {index} ran the UNet {len(flat)} time(s): calibration needs a "
+                         "generation of at least 2 steps")
+    odd = next((j for j, f in enumerate(flat) if f.key != flat[0].key), None)
+    if odd is not None:
+        raise ValueError(f"call {index}: UNet call {odd} has other input shapes or options "
+                         "than call 0; a calibrated generation must keep its signature")
+    return flat
+
+
+def _check_settings(calls: Any, orders: Sequence[int], max_interval: Any) -> None:
+    if not isinstance(calls, (list, tuple)) or not calls:
+        raise ValueError(f"calls must be a non-empty list (pipeline arguments as dicts, or "
+                         f"sampling loops for a bare UNet), got {calls!r}")
+    if not orders or any(check_forecast(o) is None for o in orders):
+        raise ValueError(f"orders must be a non-empty list of forecast orders, got {orders!r}")
+    if isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < 2:
+        raise ValueError(f"max_interval (the longest segment measured) must be an int >= 2, "
+                         f"got {max_interval!r}")
+
+
+def calibrate(target: Any, calls: Sequence[Any], num_inference_steps: int | None = None, *,
+              target_speedup: float | None = None, max_error: float | None = None,
+              verify: int = 4, **settings: Any) -> Calibration:
+    """Measure every cut and forecast order on plain generations (:func:`measure`, which takes
+    ``settings``) and choose the schedule of least final error at ``target_speedup``
+    (FLOP-ideal), or the fastest within ``max_error`` (predicted relative error of the final
+    sample). ``verify``: candidates run accelerated to choose among (0: prediction only)."""
+    check_budget(target_speedup, max_error)
+    measured = measure(target, calls, num_inference_steps, min_speedup=target_speedup,
+                       **settings)
+    return choose_calibration(measured, target_speedup=target_speedup, max_error=max_error,
+                              verify=verify)
+
+
+def measure(target: Any, calls: Sequence[Any], num_inference_steps: int | None = None, *,
+            scheduler: Any = None, orders: Sequence[int] = (0, 1), max_interval: int = 5,
+            probes: int = 12, min_speedup: float | None = None,
+            progress: bool = True) -> Measurement:
+    """The error tables of every cut on the generations of ``calls`` (choose from them with
+    :func:`choose_calibration`, once per budget).
+
+    Args:
+        target: a diffusers pipeline (``calls`` are dicts of its arguments) or a bare UNet
+            (``calls`` are your sampling loops, ``loop(unet)``; pass ``scheduler=``, the one
+            your loop steps with). Calls must be deterministic given their generators.
+        num_inference_steps: passed to every pipeline call (``None``: the calls' own).
+        orders: forecast orders to consider (0 reuse, 1 linear, 2 quadratic).
+        max_interval: the longest segment (key step to next key step) measured.
+        probes: steps whose gain to the final sample is measured, shared out among the calls
+            (each costs one replay from that step).
+        min_speedup: skip the cuts that cannot reach this FLOP-ideal speedup.
+    """
+    _check_settings(calls, orders, max_interval)
+    unet, sched, make_run = _runner(target, num_inference_steps, scheduler)
+    measurement, bar = None, None
+    for index, call in enumerate(calls):
+        run = make_run(call)
+        rec = record(unet, run, sched)
+        flat = _flat_generation(unet, rec.calls, index)
+        if measurement is None:
+            measurement = _prepare(unet, flat[0], orders, max_interval, len(flat), min_speedup)
+            measurement.num_steps, measurement.num_inference_steps = len(flat), num_inference_steps
+            measurement.target = target
+            bar = tqdm(total=len(calls) * measurement.work(len(flat)), desc="fxprop calibrate",
+                       unit="run", disable=not progress)
+        elif len(flat) != measurement.num_steps:
+            raise ValueError(f"call {index} ran {len(flat)} UNet steps, call 0 ran "
+                             f"{measurement.num_steps}: calibrate one step count and scheduler "
+                             "at a time")
+        measurement.scheduler = sched
+        steps = probe_steps(len(flat), max(probes, len(calls)))[index::len(calls)]
+        measurement.add_gains(gains(unet, run, rec, sched, steps))
+        measurement.measure(flat, _positions(sched, len(flat)), bar, rec.final)
+        if not isinstance(target, nn.Module):  # a pipeline: it can be accelerated to verify
+            measurement.replays.append((run, rec.final))
+        del rec, flat
+    bar.close()
+    return measurement
+
+
+def _prepare(unet: nn.Module, first: FlatCall, orders: Sequence[int], max_interval: int,
+             num_steps: int, target_speedup: float | None) -> Measurement:
+    """Capture and count FLOPs; with a FLOP budget, drop the cuts that cannot reach it."""
+    measurement = Measurement(unet, first, orders, max_interval)
+    if target_speedup is not None:
+        fewest = math.ceil(num_steps / max_interval)
+        reach = {c.id: speedup(fewest, num_steps, c.step_cost) for c in measurement.cuts}
+        check_speedup_target(target_speedup, max(reach.values()))
+        measurement.keep(lambda c: reach[c.id] >= target_speedup * (1 - 1e-9))
+    return measurement
+
+
+# -- choosing -----------------------------------------------------------------------------------
+
+def _rms(option: Option) -> Option:
+    """The option with its error as the predicted relative final error (root of the sum)."""
+    return Option(option.cut, option.order, option.key_steps, option.num_steps,
+                  option.speedup, math.sqrt(option.error))
+
+
+def _candidates(measurement: Measurement, budget: dict) -> tuple[list[Option], list[Option]]:
+    """Every cut and order's Pareto options, and the best option of each at the budget."""
+    tables, found, best = measurement.tables(), [], []
+    for cut in measurement.cuts:
+        for order in measurement.orders:
+            these = [_rms(o) for o in options(tables[cut.id], measurement.num_steps, order,
+                                              cut.id, cut.step_cost)]
+            found += these
+            try:
+                best.append(choose(these, **budget))
+            except ValueError:
+                continue
+    return found, best
+
+
+def _even(measurement: Measurement, option: Option) -> Option | None:
+    """The evenly spaced schedule with as many key steps as ``option`` (``None`` if a segment
+    is not measured)."""
+    n, count = measurement.num_steps, len(option.key_steps)
+    keys = tuple(sorted({round(i * n / count) for i in range(count)}))
+    cut = next(c for c in measurement.cuts if c.id == option.cut)
+    error = schedule_error(cut.table(measurement.gain_curve()), keys, n, option.order)
+    if math.isinf(error) or len(keys) != count:
+        return None
+    return Option(option.cut, option.order, keys, n, option.speedup, math.sqrt(error))
+
+
+def _make(measurement: Measurement, chosen: Option, budget: dict, best: list[Option],
+          verified: float | None = None) -> Calibration:
+    cut = next(c for c in measurement.cuts if c.id == chosen.cut)
+    table = measurement.tables()[cut.id]
+    return Calibration(
+        reuse=cut.reuse, branch=cut.branch, forecast=chosen.order, forecast_in=cut.forecast_in,
+        forecast_reach=cut.reach, key_steps=chosen.key_steps, num_steps=measurement.num_steps,
+        num_inference_steps=measurement.num_inference_steps,
+        scheduler=type(measurement.scheduler).__name__, model=fingerprint(measurement.unet),
+        predicted_speedup=chosen.speedup, predicted_error=chosen.error,
+        error_curve=error_curve(table, chosen.key_steps, measurement.num_steps, chosen.order),
+        budget={k: v for k, v in budget.items() if v is not None},
+        alternatives=tuple((o.cut[0], o.cut[1], o.order, o.speedup, o.error) for o in best),
+        verified_error=verified)
+
+
+def choose_calibration(measurement: Measurement, target_speedup: float | None = None,
+                       max_error: float | None = None, verify: int = 4) -> Calibration:
+    """The schedule for one budget: least predicted error at ``target_speedup`` (then, with
+    ``verify``, the least measured final error among that many candidates run accelerated
+    on the calibration calls), or the fastest predicted within ``max_error``."""
+    check_budget(target_speedup, max_error)
+    budget = dict(target_speedup=target_speedup, max_error=max_error)
+    found, best = _candidates(measurement, budget)
+    chosen = choose(found, **budget)
+    if target_speedup is None or verify < 1 or not measurement.replays:
+        return _make(measurement, chosen, budget, best)
+    finalists = []
+    for option in sorted(best, key=lambda o: o.error)[: max(1, (verify + 1) // 2)]:
+        finalists += [option, _even(measurement, option)]
+    finalists = [o for o in finalists if o is not None][:verify]
+    scored = [(_final_error(measurement, _make(measurement, o, budget, best)), o)
+              for o in finalists]
+    error, chosen = min(scored, key=lambda s: s[0])
+    return _make(measurement, chosen, budget, best, verified=error)
+
+
+def _final_error(measurement: Measurement, calibration: Calibration) -> float:
+    """Relative error of the final samples of the calibration calls run accelerated by
+    ``calibration`` (root mean square over calls)."""
+    from .api import accelerate, restore
+
+    target, scheduler, total = measurement.target, measurement.scheduler, 0.0
+    accelerate(target, **calibration.accelerate_options(measurement.num_steps, scheduler))
+    try:
+        for run, final in measurement.replays:
+            found = final_of(run, target.scheduler).double()
+            total += float(((found - final.double()).norm() /
+                            final.double().norm().clamp_min(1e-30)) ** 2)
+    finally:
+        restore(target)
+    return math.sqrt(total / len(measurement.replays))
+
+
+def error_curve(table: dict, keys: Sequence[int], num_steps: int, order: int) -> tuple:
+    """Each step's predicted share of the squared relative final error (0 at key steps)."""
+    curve, state = [], ()
+    for j in range(num_steps):
+        if j in keys:
+            state = state_after(state, j, order)
+            curve.append(0.0)
+        else:
+            curve.append(table[state, j])
+    return tuple(curve)
+

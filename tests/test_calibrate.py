@@ -1,0 +1,274 @@
+"""Calibrated schedules: the exact optimiser against brute force, the Calibration data, and the
+measured errors against the output differences of real accelerated generations."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fxprop
+from conftest import decoder_attn_unet, make_scheduler, sample_of
+from fxprop.calibrate import calibrate, states
+from fxprop.measure import output_errors
+from fxprop.calibration import Calibration
+from fxprop.optimise import check_budget, choose, options, pareto, schedule_error
+
+torch.set_num_threads(1)
+STEPS = 8
+
+
+# -- the optimiser -------------------------------------------------------------------------------
+
+@st.composite
+def tables(draw):
+    """A random error table over ``n <= 7`` steps, some entries missing (infeasible)."""
+    n, order = draw(st.integers(1, 7)), draw(st.sampled_from([0, 1, 2]))
+    table = {}
+    for j in range(n):
+        for s in states(j, [order], max_interval=n):
+            if draw(st.integers(0, 5)):
+                table[s, j] = draw(st.floats(0, 1, allow_nan=False))
+    return n, order, table
+
+
+@settings(max_examples=150, deadline=None)
+@given(tables())
+def test_pareto_equals_brute_force_for_every_key_step_count(case):
+    n, order, table = case
+    found = pareto(table, n, order)
+    for count in range(n + 1):
+        sets = [(0, *rest) for rest in itertools.combinations(range(1, n), count - 1)] \
+            if count else []
+        brute = min((schedule_error(table, keys, n, order) for keys in sets), default=math.inf)
+        if math.isinf(brute):
+            assert found[count] is None
+            continue
+        error, keys = found[count]
+        assert len(keys) == count and keys[0] == 0
+        assert error == pytest.approx(brute, abs=1e-9)
+        assert schedule_error(table, keys, n, order) == pytest.approx(error, abs=1e-9)
+
+
+def test_states_read_order_plus_one_key_steps_unless_they_reach_step_0():
+    for j in range(12):
+        found = states(j, [0, 2], max_interval=4)
+        assert len(found) == len(set(found))
+        for s in found:
+            assert list(s) == sorted(s, reverse=True)
+            assert len(s) in (1, 3) or s == (s[0], 0)
+            assert j - s[0] < 4 and all(a - b <= 4 for a, b in zip(s, s[1:]))
+        assert {s for s in found if len(s) == 1} == {(k,) for k in range(max(0, j - 3), j)}
+
+
+def _options():
+    table = {((0,), 1): 0.2, ((0,), 2): 0.5, ((1, 0), 2): 0.1, ((2, 0), 3): 0.3}
+    return options(table, 4, 1, ("deep", 0), step_cost=0.1)
+
+
+def test_choose_picks_least_error_at_a_speed_and_fastest_within_an_error():
+    found = _options()
+    assert choose(found, target_speedup=1.5).key_steps == (0, 2)
+    assert choose(found, max_error=0.12).key_steps == (0, 1, 3)
+    assert choose(found, max_error=1.0).key_steps == (0, 2)
+
+
+@pytest.mark.parametrize("speed, error, message", [
+    (1.0, None, "target_speedup must be a number > 1"),
+    (True, None, "target_speedup must be a number > 1"),
+    (None, None, "give exactly one budget"),
+    (2.0, 0.1, "give exactly one budget"),
+    (None, -1.0, "max_error must be a finite number >= 0"),
+    (None, math.nan, "max_error must be a finite number >= 0"),
+])
+def test_bad_budgets_raise_naming_the_rule(speed, error, message):
+    with pytest.raises(ValueError, match=message):
+        check_budget(speed, error)
+
+
+def test_unreachable_budgets_say_what_is_reachable():
+    found = _options()
+    with pytest.raises(ValueError, match=r"target_speedup=9.*best reachable .* is 1\.818"):
+        choose(found, target_speedup=9)
+    with pytest.raises(ValueError, match=r"max_error=0.0.*least .* error .* is 0\.1 "):
+        choose([o for o in found if o.error > 0], max_error=0.0)
+
+
+# -- Calibration as data ---------------------------------------------------------------------
+
+def _calibration(**changes) -> Calibration:
+    fields = dict(reuse="deep", branch=0, forecast=1, forecast_in="signal",
+                  forecast_reach=math.inf, key_steps=(0, 2, 3), num_steps=5,
+                  num_inference_steps=5, scheduler="DDIMScheduler", model="M:0",
+                  predicted_speedup=1.8, predicted_error=0.01,
+                  error_curve=(0.0, 0.02, 0.0, 0.0, 0.03),
+                  budget={"target_speedup": 1.5},
+                  alternatives=(("deep", 0, 0, 1.8, 0.02),))
+    return Calibration(**{**fields, **changes})
+
+
+def test_calibration_saves_and_loads_as_json(tmp_path):
+    calibration = _calibration()
+    calibration.save(tmp_path / "c.json")
+    assert Calibration.load(tmp_path / "c.json") == calibration
+    text = str(calibration)
+    for shown in ("deep, branch 0", "forecast:   1 (linear", "[0, 2, 3]", "1.80x", "0.0100"):
+        assert shown in text
+
+
+def test_calibration_of_another_version_or_no_calibration_is_refused(tmp_path):
+    data = _calibration().to_json()
+    (tmp_path / "v.json").write_text(json.dumps({**data, "version": 99}))
+    with pytest.raises(ValueError, match="format version 99 is not supported"):
+        Calibration.load(tmp_path / "v.json")
+    (tmp_path / "x.json").write_text(json.dumps({"version": 2, "reuse": "deep"}))
+    with pytest.raises(ValueError, match="not a calibration: missing"):
+        Calibration.load(tmp_path / "x.json")
+
+
+def test_accelerate_options_only_for_the_steps_and_scheduler_calibrated():
+    calibration = _calibration()
+    options = calibration.accelerate_options(5, make_scheduler("ddim"))
+    assert options == dict(reuse="deep", key_steps=[0, 2, 3], forecast=1, forecast_in="signal",
+                           forecast_reach=math.inf, prior_noise=0, branch=0)
+    assert "branch" not in _calibration(reuse="encoder", branch=None).accelerate_options(
+        5, "DDIMScheduler")
+    with pytest.raises(ValueError, match="for 5 steps .*not 6"):
+        calibration.accelerate_options(6, make_scheduler("ddim"))
+    with pytest.raises(ValueError, match="for DDIMScheduler, not EulerDiscreteScheduler"):
+        calibration.accelerate_options(5, make_scheduler("euler"))
+
+
+# -- calibration of the shipped digits model ---------------------------------------------------
+
+LABELS = [3, 7]
+
+
+def _call(seed: int) -> dict:
+    return dict(labels=LABELS, generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from fxprop.demo import load_digits_pipeline
+
+    pipe = load_digits_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def calibration(digits):
+    return calibrate(digits, [_call(0)], STEPS, target_speedup=1.6, orders=(0, 1),
+                     max_interval=3, progress=False)
+
+
+def _outputs(pipe, model, seed: int, add: tuple | None = None):
+    """The UNet output of every step of one generation (a forward hook on ``model``, which
+    adds ``add = (step, delta)`` to that step's output) and the final sample."""
+    outs, final = [], []
+
+    def hook(module, args, out):
+        if add is not None and len(outs) == add[0]:
+            out = (out[0] + add[1], *out[1:]) if isinstance(out, tuple) else \
+                type(out)(sample=out.sample + add[1])
+        outs.append(sample_of(out).clone())
+        return out
+
+    def last(pipe_, i, t, kwargs):
+        final[:] = [kwargs["latents"].clone()]
+        return {}
+
+    handle = model.register_forward_hook(hook)
+    try:
+        pipe(**_call(seed), num_inference_steps=STEPS, callback_on_step_end=last)
+    finally:
+        handle.remove()
+    return outs, final[0]
+
+
+def test_calibration_meets_its_budget_and_describes_itself(digits, calibration):
+    assert calibration.predicted_speedup >= 1.6
+    assert calibration.key_steps[0] == 0 and len(calibration.key_steps) < STEPS
+    assert calibration.num_steps == STEPS and calibration.scheduler == "DDIMScheduler"
+    assert len(calibration.error_curve) == STEPS
+    assert calibration.predicted_error == pytest.approx(math.sqrt(sum(calibration.error_curve)))
+    assert all(calibration.error_curve[k] == 0 for k in calibration.key_steps)
+    assert calibration.verified_error is not None and calibration.verified_error > 0
+    calibration.check_model(digits.unet)
+
+
+def test_measured_error_is_the_output_difference_as_it_reaches_the_final_sample(digits,
+                                                                                 calibration):
+    """At the first non-key step ``j`` every earlier step was a key step, so the accelerated
+    output differs from plain's there only by the reuse error; calibration's entry is that
+    difference times the gain of step ``j`` (recomputed here by a full perturbed plain run,
+    not a replay), squared, relative to the final sample."""
+    plain, final = _outputs(digits, digits.unet, 0)
+    pipe = type(digits)(**digits.components)
+    pipe.set_progress_bar_config(disable=True)
+    fxprop.accelerate(pipe, **calibration.accelerate_options(STEPS, pipe.scheduler))
+    fast, _ = _outputs(pipe, pipe.unet, 0)
+    j = next(i for i in range(STEPS) if i not in calibration.key_steps)
+    torch.testing.assert_close(fast[j - 1], plain[j - 1], rtol=1e-5, atol=1e-5)
+    delta = plain[j] - plain[j - 1]
+    _, moved = _outputs(digits, digits.unet, 0, add=(j, delta))
+    gain = ((moved - final).double().norm() / delta.double().norm()).item()
+    error = output_errors([fast[j]], [plain[j]])
+    assert error > 1e-4  # the step really reused features
+    expected = (gain * error / final.double().norm().item()) ** 2
+    assert calibration.error_curve[j] == pytest.approx(expected, rel=2e-3)
+
+
+def test_bare_unet_is_calibrated_from_the_users_loop():
+    unet, scheduler = decoder_attn_unet(), make_scheduler("ddim")
+    text = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+
+    def loop(model):
+        scheduler.set_timesteps(5)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t, encoder_hidden_states=text).sample, t, x).prev_sample
+
+    found = calibrate(unet, [loop], scheduler=scheduler, max_error=10.0, max_interval=3,
+                      progress=False)
+    assert found.num_steps == 5 and found.num_inference_steps is None
+    assert found.predicted_speedup > 1 and found.predicted_error <= 10.0
+
+
+def test_calibration_refuses_bad_input(digits):
+    with pytest.raises(ValueError, match="calls must be a non-empty list"):
+        calibrate(digits, [], STEPS, target_speedup=2.0)
+    with pytest.raises(ValueError, match="give exactly one budget"):
+        calibrate(digits, [_call(0)], STEPS)
+    with pytest.raises(ValueError, match="needs scheduler="):
+        calibrate(decoder_attn_unet(), [lambda unet: None], max_error=0.1)
+    accelerated = type(digits)(**digits.components)
+    fxprop.accelerate(accelerated, reuse="deep")
+    with pytest.raises(ValueError, match="fxprop.restore"):
+        calibrate(accelerated, [_call(0)], STEPS, target_speedup=2.0)
+    with pytest.raises(ValueError, match="best reachable FLOP-ideal speedup"):
+        calibrate(digits, [_call(0)], STEPS, target_speedup=50.0, progress=False)
+
+
+def test_accelerate_applies_a_calibration_and_refuses_other_steps(digits, calibration):
+    pipe = type(digits)(**digits.components)
+    pipe.set_progress_bar_config(disable=True)
+    fxprop.accelerate(pipe, calibration)
+    policy = fxprop.runtime_of(pipe).policy
+    assert (policy.reuse, policy.forecast) == (calibration.reuse, calibration.forecast)
+    by_options = type(digits)(**digits.components)
+    fxprop.accelerate(by_options, **calibration.accelerate_options(STEPS, pipe.scheduler))
+    runs = [p(**_call(3), num_inference_steps=STEPS).images for p in (pipe, by_options)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"this calibration is for {STEPS} steps"):
+        pipe(**_call(3), num_inference_steps=STEPS + 1)
+    other = type(digits)(**digits.components)
+    other.scheduler = make_scheduler("euler")
+    with pytest.raises(ValueError, match="this calibration is for DDIMScheduler, not Euler"):
+        fxprop.accelerate(other, calibration)

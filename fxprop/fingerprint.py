@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["fingerprint", "skipped_hooks"]
+__all__ = ["fingerprint", "skipped_hooks", "replaced_forward"]
 
 #: Module attributes digested on their own (parameters and buffers by identity, dtype and
 #: device; submodules by the walk itself).
@@ -102,12 +102,12 @@ def skipped_hooks(module: nn.Module) -> list[str]:
                 found.append(f"{path}: {label}")
         if "_hf_hook" in state:
             found.append(f"{path}: accelerate {type(state['_hf_hook']).__name__}")
-        elif _wrapped_forward(sub):
+        elif replaced_forward(sub):
             found.append(f"{path}: a replaced forward ({_name(state['forward'])})")
     return found
 
 
-def _wrapped_forward(module: nn.Module) -> bool:
+def replaced_forward(module: nn.Module) -> bool:
     """Whether ``module.forward`` is something other than its class's forward."""
     forward = module.__dict__.get("forward")
     if forward is None:

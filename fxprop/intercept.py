@@ -16,14 +16,13 @@ shares its captured graphs.
 from __future__ import annotations
 
 import functools
-import inspect
 import weakref
 from typing import Any, Callable
 
 from torch import nn
 
 from .cache import CaptureCache
-from .fingerprint import skipped_hooks
+from .fingerprint import replaced_forward, skipped_hooks
 from .follow import active_scope
 
 __all__ = ["Intercept", "intercept", "release", "intercepted", "registry_of", "as_model_hook",
@@ -154,15 +153,8 @@ def _check_forward(unet: nn.Module) -> None:
         raise ValueError(f"{type(unet).__name__} already has diffusers hooks "
                          f"{list(registry.hooks)}; fxprop must run beneath them: remove them, "
                          "call fxprop.accelerate, then add them again")
-    forward = unet.__dict__.get("forward")
-    if forward is None or _is_class_forward(forward, unet):
+    if not replaced_forward(unet):
         return
-    raise ValueError(f"{type(unet).__name__}.forward is replaced by {forward!r}; fxprop "
+    raise ValueError(f"{type(unet).__name__}.forward is replaced by {unet.forward!r}; fxprop "
                      "intercepts the UNet's own forward and would skip that wrapper: accelerate "
                      "the module before wrapping it")
-
-
-def _is_class_forward(forward: Any, unet: nn.Module) -> bool:
-    inner = inspect.unwrap(forward) if not inspect.ismethod(forward) else forward
-    return (getattr(inner, "__self__", None) is unet
-            and getattr(inner, "__func__", None) is type(unet).forward)

@@ -106,3 +106,12 @@ def test_two_controlnet_pipelines_sharing_a_controlnet_in_any_order():
     fxprop.restore(first)
     torch.testing.assert_close(run(first, image=image), reference, rtol=0, atol=1e-6)
     assert fxprop.intercept.intercepted(first.controlnet) is None
+
+
+def test_a_replaced_forward_beneath_fxprop_is_refused():
+    unet = decoder_attn_unet()
+    original = unet.forward
+    unet.forward = lambda *args, **kwargs: original(*args, **kwargs)  # someone's wrapper
+    with pytest.raises(ValueError, match="forward is replaced by .*accelerate the module before "
+                                         "wrapping it"):
+        fxprop.accelerate(unet)

@@ -115,3 +115,28 @@ def test_a_replaced_forward_beneath_fxprop_is_refused():
     with pytest.raises(ValueError, match="forward is replaced by .*accelerate the module before "
                                          "wrapping it"):
         fxprop.accelerate(unet)
+
+
+@pytest.mark.parametrize("order", ["offload first", "accelerate first"])
+def test_model_cpu_offload_keeps_fxprop_and_its_captures(order):
+    """enable_model_cpu_offload re-installs accelerate's hooks at every call (diffusers'
+    maybe_free_model_hooks): fxprop stays beneath them and its graphs stay valid."""
+    pipe, plain = accelerated_and_plain(key_steps=[0, 2])
+    sparse = run(pipe)  # the reference: accelerated, no offload
+    fxprop.restore(pipe)
+    if order == "offload first":
+        pipe.enable_model_cpu_offload(device="cpu")
+    fxprop.accelerate(pipe, key_steps=[0, 2], prior_noise=0)
+    if order == "accelerate first":
+        pipe.enable_model_cpu_offload(device="cpu")
+    for _ in range(2):
+        torch.testing.assert_close(run(pipe), sparse, rtol=0, atol=1e-6)
+    assert fxprop.runtime_of(pipe).captures == 1
+    assert_differs(sparse, run(plain), 1e-4, "sparse and plain")
+
+
+def test_sequential_cpu_offload_is_refused_naming_its_hooks():
+    pipe, _ = accelerated_and_plain()
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match=r"would not run: \['conv_in: accelerate AlignDevicesHook"):
+        run(pipe)

@@ -26,7 +26,7 @@ from .fingerprint import replaced_forward, skipped_hooks
 from .follow import active_scope
 
 __all__ = ["Intercept", "intercept", "release", "intercepted", "registry_of", "as_model_hook",
-           "NOT_PLANNED", "NAME"]
+           "add_beneath", "remove_beneath", "NOT_PLANNED", "NAME"]
 
 #: The hook's name in the UNet's registry.
 NAME = "fxprop"
@@ -92,13 +92,8 @@ def intercept(unet: nn.Module, user: Any) -> Intercept:
     check_hooks(unet)
     hook = intercepted(unet)
     if hook is None:
-        offload = _detach_accelerate_hook(unet)
-        try:
-            _check_forward(unet)
-            hook = as_model_hook(Intercept)()
-            registry_of(unet).register_hook(hook, NAME)
-        finally:
-            _attach(unet, offload)  # back on top: it runs around fxprop, as before
+        hook = as_model_hook(Intercept)()
+        add_beneath(unet, hook, NAME, check=_check_forward)
     hook.users.add(user)
     return hook
 
@@ -112,15 +107,37 @@ def release(unet: nn.Module, user: Any) -> None:
     hook.users.discard(user)
     if len(hook.users):
         return
-    offload = _detach_accelerate_hook(unet)  # the registry restores forward beneath it
-    registry_of(unet).remove_hook(NAME, recurse=False)
-    _attach(unet, offload)
+    remove_beneath(unet, NAME)
 
 
-def _attach(unet: nn.Module, hook: Any) -> None:
+def add_beneath(module: nn.Module, hook: Any, name: str, check: Any = None) -> None:
+    """Register ``hook`` in ``module``'s registry beneath accelerate's hook (model offload),
+    which is lifted and put back on top: it keeps running around the hook, and diffusers'
+    re-installing it at every call (``maybe_free_model_hooks``) keeps the hook in place.
+    ``check(module)`` runs with accelerate's hook lifted."""
+    offload = _detach_accelerate_hook(module)
+    try:
+        if check is not None:
+            check(module)
+        registry_of(module).register_hook(hook, name)
+    finally:
+        _attach(module, offload)
+
+
+def remove_beneath(module: nn.Module, name: str) -> None:
+    """Remove hook ``name`` added by :func:`add_beneath` (the registry restores ``forward``
+    beneath accelerate's hook, not over it)."""
+    offload = _detach_accelerate_hook(module)
+    try:
+        registry_of(module).remove_hook(name, recurse=False)
+    finally:
+        _attach(module, offload)
+
+
+def _attach(module: nn.Module, hook: Any) -> None:
     if hook is not None:
         from accelerate.hooks import add_hook_to_module
-        add_hook_to_module(unet, hook)
+        add_hook_to_module(module, hook)
 
 
 def check_hooks(unet: nn.Module) -> None:

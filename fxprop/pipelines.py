@@ -26,7 +26,7 @@ from torch import nn
 from .capture import flatten_call
 from .config import Policy
 from .follow import FollowState, active_scope
-from .intercept import as_model_hook, registry_of
+from .intercept import add_beneath, as_model_hook, registry_of, remove_beneath
 from .prior import increment, undefined_for
 from .runtime import AcceleratedUNet
 
@@ -259,11 +259,10 @@ def _gate_controlnet(pipe: Any, adapter: PipelineAdapter) -> None:
     controlnet = getattr(pipe, "controlnet", None)
     if not isinstance(controlnet, nn.Module) or adapter.runtime.policy.reuse != "encoder":
         return
-    registry = registry_of(controlnet)
-    gate = registry.get_hook(_GATE)
+    gate = registry_of(controlnet).get_hook(_GATE)
     if gate is None:
         gate = as_model_hook(KeyStepsOnly)()
-        registry.register_hook(gate, _GATE)
+        add_beneath(controlnet, gate, _GATE)
     gate.gating[adapter.runtime] = adapter
     adapter.controlnet = controlnet
 
@@ -271,12 +270,11 @@ def _gate_controlnet(pipe: Any, adapter: PipelineAdapter) -> None:
 def _ungate_controlnet(adapter: PipelineAdapter) -> None:
     if adapter.controlnet is None:
         return
-    registry = registry_of(adapter.controlnet)
-    gate = registry.get_hook(_GATE)
+    gate = registry_of(adapter.controlnet).get_hook(_GATE)
     if gate is not None:
         gate.gating.pop(adapter.runtime, None)
         if not gate.gating:
-            registry.remove_hook(_GATE, recurse=False)
+            remove_beneath(adapter.controlnet, _GATE)
 
 
 def restore_pipeline(pipe: Any) -> Any:

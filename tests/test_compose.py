@@ -140,3 +140,21 @@ def test_sequential_cpu_offload_is_refused_naming_its_hooks():
     pipe.enable_sequential_cpu_offload(device="cpu")
     with pytest.raises(ValueError, match=r"would not run: \['conv_in: accelerate AlignDevicesHook"):
         run(pipe)
+
+
+def test_controlnet_gate_stays_beneath_model_cpu_offload():
+    """diffusers re-installs offload hooks after every call: the ControlNet's key-step gate
+    must survive that (it sits beneath accelerate's hook, like the UNet's interception)."""
+    pipe = controlnet_pipeline()
+    calls = []
+    pipe.controlnet.conv_in.register_forward_hook(lambda m, a, o: calls.append(1))
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    pipe.enable_model_cpu_offload(device="cpu")
+    fxprop.accelerate(pipe, key_steps=[0, 2], prior_noise=0)
+    outs = [run(pipe, image=image) for _ in range(2)]
+    assert len(calls) == 2 * 2  # key steps only, in both generations
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    fxprop.restore(pipe)
+    calls.clear()
+    run(pipe, image=image)
+    assert len(calls) == STEPS_OF(pipe)

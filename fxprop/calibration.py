@@ -19,13 +19,13 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Calibration", "FORMAT_VERSION", "fingerprint"]
+__all__ = ["Calibration", "FORMAT_VERSION", "model_id"]
 
 #: Version of the JSON format; files of another version are refused.
 FORMAT_VERSION = 2
 
 
-def fingerprint(unet: nn.Module) -> str:
+def model_id(unet: nn.Module) -> str:
     """A short hash of what a calibration depends on: the UNet's class and its config (or,
     without one, its parameter names and shapes)."""
     config = getattr(unet, "config", None)
@@ -48,7 +48,8 @@ class Calibration:
         num_steps: UNet calls per generation (entries of ``scheduler.timesteps``).
         num_inference_steps: what the pipeline was called with (``None`` for a bare UNet).
         scheduler: the scheduler's class name.
-        model: :func:`fingerprint` of the UNet.
+        model: :func:`model_id` of the UNet (its class and config, unlike
+            :func:`fxprop.fingerprint`, which is the state captures depend on).
         predicted_speedup: FLOP-ideal speedup over plain sampling.
         predicted_error: predicted relative error of the final sample (root of the sum of
             ``error_curve``).
@@ -98,7 +99,7 @@ class Calibration:
 
     def check_model(self, unet: nn.Module) -> None:
         """Raise ``ValueError`` if ``unet`` is not the model this was calibrated on."""
-        found = fingerprint(unet)
+        found = model_id(unet)
         if found != self.model:
             raise ValueError(f"this calibration is for the model {self.model}, not {found}: "
                              "calibrate again on this model")

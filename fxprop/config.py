@@ -17,6 +17,7 @@ from torch import nn
 
 from .cuts import Cut, encoder_cut
 from .deep import check_branch, deep_cut
+from .distributed import check_group
 from .forecast import check_forecast, check_forecast_in, check_reach
 from .plan import Plan, make_plan
 from .prior import check_weight
@@ -52,6 +53,14 @@ class Policy(Protocol):
 
     @property
     def max_batch(self) -> int | None: ...
+
+    @property
+    def group(self) -> Any:
+        """The process group whose ranks share parallel mode's work, or None."""
+
+    @property
+    def cfg_parallel(self) -> bool:
+        """Whether two ranks of ``group`` split the UNet batch (CFG's halves)."""
 
     @property
     def needs_signal(self) -> bool:
@@ -99,7 +108,13 @@ class EncoderPropagation(_Planning):
         prior_noise: weight of the initial noise ``z_T`` added to the latent before every step
             whose timestep is below half the training horizon (0 turns it off).
         parallel: batch the decoder passes of each segment into one call at its key step.
-        max_batch: upper bound, in samples, of one batched decoder call (parallel mode).
+        max_batch: upper bound, in samples, of one batched decoder call (parallel mode); with
+            ``group``, of one rank's call.
+        group: a ``torch.distributed`` process group whose ranks share each segment's steps
+            (parallel mode; every rank runs the same call with the same seed, see
+            :mod:`fxprop.distributed`). ``None`` or a group of one: one process.
+        cfg_parallel: with ``group``, two ranks split the UNet batch in halves (classifier-free
+            guidance's unconditional and conditional ones).
         forecast: order of the frontier forecast between key steps (0: reuse the key step's
             frontier, as the paper; 1: linear, 2: quadratic extrapolation through the last
             key frontiers; see :mod:`fxprop.forecast`).
@@ -117,6 +132,8 @@ class EncoderPropagation(_Planning):
     prior_noise: float = 0.003
     parallel: bool = False
     max_batch: int | None = None
+    group: Any = field(default=None, compare=False, repr=False)
+    cfg_parallel: bool = False
     forecast: int = 0
     forecast_in: str = "step"
     forecast_reach: float = 1.0
@@ -135,6 +152,10 @@ class EncoderPropagation(_Planning):
         if self.max_batch is not None and not self.parallel:
             raise ValueError("max_batch bounds the batched decoder call of parallel mode; "
                              "pass parallel=True or drop max_batch")
+        check_group(self.group, self.cfg_parallel)
+        if self.group is not None and not self.parallel:
+            raise ValueError("group= shares parallel mode's batched decoder steps between "
+                             "ranks: pass parallel=True with it")
 
     @property
     def cut(self) -> Cut:
@@ -181,6 +202,8 @@ class DeepCache(_Planning):
     reuse = "deep"
     batches = False   # the shallow branch reads the current latent: steps are sequential
     max_batch = None
+    group = None
+    cfg_parallel = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", key_step_schedule(self.key_steps))

@@ -32,14 +32,15 @@ from .plan import Segment
 from .split import Parts
 
 __all__ = ["steps_per_call", "chunk_at", "repeat_batch", "timestep_vector", "repeated_call",
-           "batched_inputs", "check_batched", "Inputs", "Chunk", "BatchedGeneration"]
+           "batched_inputs", "check_batched", "batch_sizes", "Inputs", "Chunk", "BatchedGeneration"]
 
 
-def steps_per_call(max_batch: int | None, batch: int, segment: Segment) -> int:
-    """How many steps of ``segment`` one batched call computes (at least 1)."""
+def steps_per_call(max_batch: int | None, batch: int, segment: Segment, ranks: int = 1) -> int:
+    """How many steps of ``segment`` one batched call computes (at least 1), or with ``ranks``
+    processes sharing it (:mod:`fxprop.distributed`), one call on each of them."""
     if max_batch is None:
         return len(segment)
-    return max(1, min(len(segment), max_batch // batch))
+    return max(1, min(len(segment), ranks * max(1, max_batch // batch)))
 
 
 def chunk_at(segment: Segment, step: int, per_call: int) -> range | None:
@@ -59,7 +60,7 @@ def timestep_vector(table: torch.Tensor, steps: range, batch: int) -> torch.Tens
     return table[steps.start:steps.stop, None].expand(len(steps), batch).reshape(-1)
 
 
-def _batch_sizes(call: FlatCall) -> set[int]:
+def batch_sizes(call: FlatCall) -> set[int]:
     """First dims of leaves that hold per-sample data: the batch ``B``, and for video samples
     (5-D, frames at dim 1 or 2) ``B * frames`` (AnimateDiff passes per-frame text embeddings)."""
     sample = call.tensors[0]
@@ -89,7 +90,7 @@ def repeated_call(forward: Callable, call: FlatCall, times: int, timestep_index:
 def batched_inputs(call: FlatCall, indices: Any, batch: int, times: int,
                    timestep_index: int, timesteps: torch.Tensor) -> list[torch.Tensor]:
     """The tensor leaves ``indices`` of ``call`` as the batched call reads them."""
-    out, sizes = [], _batch_sizes(call)
+    out, sizes = [], batch_sizes(call)
     for i in indices:
         x = call.tensors[i]
         if i == timestep_index:
@@ -180,6 +181,7 @@ class BatchedGeneration(Generation):
     """A generation in parallel mode: also the outputs of its current chunk of steps."""
 
     chunk: Chunk | None = None
+    agreed: bool = False   # the ranks of a process group checked that they run the same plan
     timesteps: torch.Tensor | None = None  # the plan's, on the calls' device and dtype
 
     def timesteps_like(self, like: torch.Tensor) -> torch.Tensor:

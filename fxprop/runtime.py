@@ -31,6 +31,8 @@ from .follow import FollowState, Generation, PlanFollower, Scope, TimestepSource
 from .intercept import NOT_PLANNED, check_hooks, intercept, intercepted, release
 from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
                        repeated_call, steps_per_call, timestep_vector)
+from .distributed import (Ranks, agree, gather, local_call, own_steps, plan_digest,
+                          ranks_of)
 from .plan import Plan
 from .regions import resolve_layout
 from .split import Parts, split
@@ -55,6 +57,8 @@ class AcceleratedUNet(PlanFollower):
         self.compile_options = compile_options(compile)
         self.layout = resolve_layout(self.unet, policy.regions)
         policy.validate(self.unet)
+        self._ranks: tuple = (None, None)
+        self.ranks  # a bad process group raises here, before the UNet is intercepted
         self._intercept = intercept(self.unet, self)
         self._timestep_name = _timestep_name(self._intercept.original_forward)
 
@@ -67,6 +71,13 @@ class AcceleratedUNet(PlanFollower):
             if "unet" not in modules:
                 raise
             return getattr(modules["unet"], name)
+
+    @property
+    def ranks(self) -> Ranks | None:
+        """This process's place in the policy's process group (None: one process)."""
+        if self._ranks[0] is not self.policy:
+            self._ranks = (self.policy, ranks_of(self.policy.group, self.policy.cfg_parallel))
+        return self._ranks[1]
 
     def with_policy(self, policy: Policy) -> "AcceleratedUNet":
         """A runtime of the same UNet with ``policy`` (it shares the UNet's captured graphs)."""
@@ -112,6 +123,7 @@ class AcceleratedUNet(PlanFollower):
             return NOT_PLANNED
         if gen.model_state is None:
             gen.model_state = self.model_state()
+        call = self._local(gen, call)
         captured, parts = self.parts_for(call, gen.model_state)  # may raise: step not consumed
         out = self.run_planned(gen, call, parts)
         if out is None:
@@ -147,6 +159,23 @@ class AcceleratedUNet(PlanFollower):
 
     # -- parallel mode: the step function's key and reuse steps, batched -------------------------
 
+    def _local(self, gen: Generation, call: FlatCall) -> FlatCall:
+        """The part of ``call`` this process computes (its half of the batch with
+        cfg_parallel); at a generation's first call, check that all ranks agree on it."""
+        if self.ranks is None:
+            return call
+        if not gen.agreed:
+            agree(self.ranks, plan_digest(gen.plan, call, repr(self.policy)),
+                  call.tensors[0].device)
+            gen.agreed = True
+        return local_call(self._intercept.original_forward, call, self.ranks)
+
+    def _whole(self, outputs: tuple, step: int, call: FlatCall) -> tuple:
+        """The whole batch of one step computed on each rank's half (cfg_parallel)."""
+        if self.ranks is None or self.ranks.halves == 1:
+            return outputs
+        return gather(self.ranks, outputs, range(step, step + 1), _batch(call))
+
     def _new_generation(self, plan: Plan, source: Any, begin: int) -> Generation:
         if self.policy.batches:
             return BatchedGeneration(plan, source, begin)
@@ -157,7 +186,7 @@ class AcceleratedUNet(PlanFollower):
         steps = self._chunk(gen, step, call)
         if steps is None or len(steps) == 1:
             with record_function("fxprop.full"):
-                return super()._key_step(gen, step, call, parts)
+                return self._whole(super()._key_step(gen, step, call, parts), step, call)
         with record_function("fxprop.key"):
             gen.frontiers.add(step, call.key,
                               parts.key(*[call.tensors[i] for i in parts.key_inputs]))
@@ -174,7 +203,7 @@ class AcceleratedUNet(PlanFollower):
         # Sequential mode, a chunk of one step, or inputs changed since the chunk was computed
         # (e.g. a callback replaced the prompt embeddings): this step alone, still exact.
         with record_function("fxprop.step"):
-            return super()._reuse_step(gen, step, call, parts)
+            return self._whole(super()._reuse_step(gen, step, call, parts), step, call)
 
     def _chunk(self, gen: Generation, step: int, call: FlatCall) -> range | None:
         """In parallel mode, the steps computed in one call from ``step`` if a chunk starts
@@ -182,22 +211,30 @@ class AcceleratedUNet(PlanFollower):
         if not self.policy.batches:
             return None
         segment = gen.plan.segment_of(step)
-        per_call = steps_per_call(self.policy.max_batch, _batch(call), segment)
+        ranks = 1 if self.ranks is None else self.ranks.shares
+        per_call = steps_per_call(self.policy.max_batch, _batch(call), segment, ranks)
         return chunk_at(segment, step, per_call)
 
     def _run_chunk(self, gen: BatchedGeneration, steps: range, call: FlatCall,
                    parts: Parts) -> tuple:
-        """Run the every-step part once for ``steps`` and keep the outputs; return the first."""
-        batch, times, t_index = _batch(call), len(steps), self._timestep_index(call)
-        timesteps = timestep_vector(gen.timesteps_like(call.tensors[t_index]), steps, batch)
-        batched = self._batched_parts(gen, call, parts, times, timesteps)
-        with record_function(f"fxprop.step[x{times}]"):  # with the repeats: all a chunk costs
-            inputs = batched_inputs(call, batched.step_inputs, batch, times, t_index, timesteps)
-            frontier = gen.frontiers.batched(steps, [gen.plan.weights[s] for s in steps])
-            outputs = batched.step(*inputs, *frontier)
+        """Run the every-step part once for ``steps`` (this rank's share of them, with a
+        group) and keep the outputs; return the first."""
+        batch, t_index = _batch(call), self._timestep_index(call)
+        own = steps if self.ranks is None else own_steps(steps, self.ranks)
+        timesteps = timestep_vector(gen.timesteps_like(call.tensors[t_index]), own, batch)
+        batched = self._batched_parts(gen, call, parts, len(own), timesteps)
+        with record_function(f"fxprop.step[x{len(own)}]"):  # with the repeats: all it costs
+            inputs = batched_inputs(call, batched.step_inputs, batch, len(own), t_index,
+                                    timesteps)
+            frontier = gen.frontiers.batched(own, [gen.plan.weights[s] for s in own])
+            outputs = tuple(batched.step(*inputs, *frontier))
             del inputs, frontier
+        if self.ranks is not None:
+            with record_function("fxprop.all_gather"):
+                outputs = gather(self.ranks, outputs, steps, batch)
+            batch *= self.ranks.halves
         every_step = [i for i in parts.step_inputs if i != t_index]
-        gen.chunk = Chunk(steps, tuple(outputs), batch, Inputs.of(call, every_step))
+        gen.chunk = Chunk(steps, outputs, batch, Inputs.of(call, every_step))
         return gen.chunk.take(steps.start)
 
     def _batched_parts(self, gen: Generation, call: FlatCall, parts: Parts, times: int,

@@ -1,0 +1,95 @@
+"""One rank of tests/test_distributed.py: run with RANK, WORLD_SIZE, MASTER_ADDR/PORT set.
+
+Four ranks. The world runs SD with CFG split in halves and shares (cfg_parallel, 2 x 2); the
+pairs {0, 1} and {2, 3} run segment parallelism on two pipelines each; every rank runs a group
+of one; then the pairs run calls that disagree (steps, seed, shapes). Each rank saves, per
+case, its output, single-process parallel mode's if it computed it (one rank per group does),
+and the parts it ran, and the errors it raised to
+``<out>/rank<r>.pt``; the test compares them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+import fxprop
+from conftest import make_scheduler
+from test_pipelines import CASES
+
+KEY_STEPS = [0, 3]   # 6 steps: two segments of 3, shared 2 + 1 between two ranks
+STEPS = 6
+
+
+class Case:
+    """A pipeline of ``case`` accelerated in parallel mode, kept across runs (its UNet's
+    captured graphs serve every group: only the policy changes)."""
+
+    def __init__(self, case: str) -> None:
+        factory, self.kwargs = CASES[case]
+        self.pipe = fxprop.accelerate(factory(), key_steps=KEY_STEPS, parallel=True)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.runtime = fxprop.runtime_of(self.pipe)
+
+    def run(self, group=None, scheduler="ddim", seed=0, steps=STEPS, size=None, **options):
+        """The latents over ``group`` (None: this process alone)."""
+        self.runtime.policy = fxprop.EncoderPropagation(key_steps=KEY_STEPS, parallel=True,
+                                                        group=group, **options)
+        self.pipe.scheduler = make_scheduler(scheduler)
+        call = self.kwargs() if size is None else {**self.kwargs(), "height": size,
+                                                   "width": size}
+        return self.pipe(**call, num_inference_steps=steps, output_type="latent",
+                         generator=torch.Generator().manual_seed(seed)).images
+
+    def compare(self, group, reference: bool, **options) -> tuple:
+        """Over ``group``, alone (on one rank of the group: the ranks' results are equal) or
+        None, and the parts this rank ran over the group, counted."""
+        alone = {k: v for k, v in options.items() if k != "cfg_parallel"}
+        with torch.profiler.profile() as prof:
+            distributed = self.run(group, **options)
+        ran = Counter({e.key: e.count for e in prof.key_averages()
+                       if e.key.startswith("fxprop.")})
+        return distributed, self.run(None, **alone) if reference else None, ran
+
+    def error(self, group, **options) -> str:
+        try:
+            self.run(group, **options)
+        except ValueError as e:
+            return str(e)
+        return "no error"
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    ones = [dist.new_group([r]) for r in range(4)]
+    pair, first = pairs[rank // 2], rank % 2 == 0
+    clock = time.perf_counter()
+    sd = Case("sd-cfg")
+    results = {"world: cfg_parallel x 2 shares": sd.compare(dist.group.WORLD, rank == 3,
+                                                             cfg_parallel=True)}
+    if rank < 2:   # the references on the rank of the shorter share
+        results["pair: sd-cfg, euler"] = sd.compare(pair, rank == 1, scheduler="euler")
+        results["pair: controlnet, cfg_parallel"] = Case("controlnet").compare(
+            pair, rank == 0, cfg_parallel=True)
+    else:
+        results["pair: sdxl"] = Case("sdxl").compare(pair, rank == 3)
+        results["pair: img2img"] = Case("img2img").compare(pair, rank == 3)
+    results["one: group of one"] = (sd.run(ones[rank]), sd.run(), Counter())
+    errors = {"steps": sd.error(pair, steps=STEPS if first else STEPS + 1),
+              "seed": sd.error(pair, seed=0 if first else 1),
+              "shapes": sd.error(pair, size=16 if first else 24)}
+    print(f"rank {rank}: {time.perf_counter() - clock:.1f} s", flush=True)
+    torch.save({"results": results, "errors": errors}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,167 @@
+"""Segment and CFG parallelism over torch.distributed (gloo, CPU): equal to one process.
+
+Four ranks are spawned once (tests/distributed_worker.py) for the equality and mismatch cases;
+the rules that need no second process run here, with a gloo group of one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fxprop
+from conftest import decoder_attn_unet, loop_inputs, run_loop
+from fxprop.distributed import Ranks, own_steps, shares
+
+TOLERANCE = 1e-4
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+# -- shares of a chunk -------------------------------------------------------------------------
+
+def test_shares_are_contiguous_balanced_and_cover_the_steps():
+    for length in range(0, 9):
+        for n in range(1, 5):
+            parts = shares(range(3, 3 + length), n)
+            assert [s for part in parts for s in part] == list(range(3, 3 + length))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+            assert sorted(map(len, parts), reverse=True) == list(map(len, parts))
+
+
+def test_a_rank_with_an_empty_share_computes_the_last_step():
+    ranks = [Ranks(None, 4, r, 1) for r in range(4)]
+    assert [own_steps(range(5, 7), r) for r in ranks] == [range(5, 6), range(6, 7),
+                                                          range(6, 7), range(6, 7)]
+    cfg = [Ranks(None, 4, r, 2) for r in range(4)]
+    assert [(r.half, own_steps(range(0, 3), r)) for r in cfg] == [
+        (0, range(0, 2)), (1, range(0, 2)), (0, range(2, 3)), (1, range(2, 3))]
+
+
+# -- rules, with a group of one ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world_of_one(tmp_path_factory):
+    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_group_is_refused_where_it_does_not_belong(world_of_one):
+    unet = decoder_attn_unet()
+    with pytest.raises(ValueError, match="pass parallel=True"):
+        fxprop.accelerate(unet, key_steps=[0, 2], group=world_of_one)
+    with pytest.raises(ValueError, match="group is only valid with reuse='encoder'"):
+        fxprop.accelerate(unet, reuse="deep", group=world_of_one)
+    with pytest.raises(ValueError, match="pass group="):
+        fxprop.accelerate(unet, parallel=True, cfg_parallel=True)
+    with pytest.raises(ValueError, match="even group size.*got 1"):
+        fxprop.accelerate(unet, parallel=True, group=world_of_one, cfg_parallel=True)
+    with pytest.raises(TypeError, match="process group"):
+        fxprop.accelerate(unet, parallel=True, group="WORLD")
+
+
+def test_a_group_of_one_is_no_group(world_of_one):
+    unet = decoder_attn_unet()
+    latents, kwargs = loop_inputs(batch=2)
+    alone = fxprop.accelerate(unet, key_steps=[0, 3], parallel=True)
+    expected = run_loop(alone, latents, kwargs)
+    fxprop.restore(alone)
+    grouped = fxprop.accelerate(unet, key_steps=[0, 3], parallel=True, group=world_of_one)
+    assert grouped.ranks is None
+    torch.testing.assert_close(run_loop(grouped, latents, kwargs), expected, rtol=0, atol=0)
+
+
+# -- four ranks --------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """Run the worker on 4 gloo ranks over loopback; their saved results."""
+    out = tmp_path_factory.mktemp("ranks")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": "4", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out)],
+                              env={**env, "RANK": str(r)}, cwd=WORKER.parent,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(4)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
+    return [torch.load(out / f"rank{r}.pt") for r in range(4)]
+
+
+def _groups(ranks: list[dict]) -> dict[str, list[int]]:
+    """The ranks that ran each case (a group), from their saved results."""
+    groups: dict[str, list[int]] = {}
+    for r, saved in enumerate(ranks):
+        for name in saved["results"]:
+            groups.setdefault(name, []).append(r)
+    return groups
+
+
+@pytest.mark.slow
+def test_every_rank_gives_single_process_parallel_mode(ranks):
+    groups = _groups(ranks)
+    assert {name: len(g) for name, g in groups.items()} == {
+        "world: cfg_parallel x 2 shares": 4, "pair: sd-cfg, euler": 2, "pair: img2img": 2,
+        "pair: sdxl": 2, "pair: controlnet, cfg_parallel": 2, "one: group of one": 4}
+    for name, group in groups.items():
+        alone = [ranks[r]["results"][name][1] for r in group]
+        alone = [a for a in alone if a is not None]
+        assert len(alone) == (4 if name.startswith("one") else 1), name
+        for r in group:
+            distributed = ranks[r]["results"][name][0]
+            if name.startswith("one"):  # a group of one is no group: the same code, exactly
+                torch.testing.assert_close(distributed, ranks[r]["results"][name][1],
+                                           rtol=0, atol=0)
+                continue
+            torch.testing.assert_close(distributed, alone[0], rtol=0, atol=TOLERANCE,
+                                       msg=lambda m: f"rank {r}, {name}: {m}")
+            # every rank applies the scheduler to the same gathered predictions
+            torch.testing.assert_close(distributed, ranks[group[0]]["results"][name][0],
+                                       rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_each_rank_computes_its_share_of_each_segment(ranks):
+    # key steps [0, 3]: each segment's 3 steps shared 2 + 1 (3 + 3 for the two CFG halves),
+    # gathered once. 6 steps: two such segments; img2img (strength 0.7) runs 4: one segment
+    # of 3, then a key step alone.
+    expected = {"world: cfg_parallel x 2 shares": ({0: 2, 1: 2, 2: 1, 3: 1}, 2),
+                "pair: sd-cfg, euler": ({0: 2, 1: 1}, 2), "pair: img2img": ({2: 2, 3: 1}, 1),
+                "pair: sdxl": ({2: 2, 3: 1}, 2),
+                "pair: controlnet, cfg_parallel": ({0: 3, 1: 3}, 2)}
+    for name, (steps_of, segments) in expected.items():
+        for r, steps in steps_of.items():
+            ran = ranks[r]["results"][name][2]
+            batched = {key: n for key, n in ran.items() if "[x" in key}
+            assert batched == {f"fxprop.step[x{steps}]": segments}, (r, name, ran)
+            assert ran["fxprop.all_gather"] == segments, (r, name, ran)
+
+
+@pytest.mark.slow
+def test_ranks_that_disagree_all_raise_before_exchanging(ranks):
+    for r, saved in enumerate(ranks):
+        errors = saved["errors"]
+        assert "disagree before their first exchange on steps (rank 0: 6, rank 1: 7)" in (
+            errors["steps"]), r
+        assert "first exchange on latent sum (rank 0: " in errors["seed"], r
+        assert "latent size (rank 0: 512, rank 1: 1152)" in errors["shapes"], r
+        assert "input shapes (they differ)" in errors["shapes"], r

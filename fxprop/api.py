@@ -40,12 +40,15 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
             raises. For a bare UNet it is part of the plan (``plan.inject``) and your loop
             adds it.
         parallel, max_batch: parallel mode of encoder propagation.
+        options: further policy fields, e.g. ``branch=`` for ``reuse="deep"`` (DeepCache's
+            ``cache_branch_id``), or in parallel mode ``group=`` (a ``torch.distributed``
+            process group whose ranks share each segment's steps; every rank runs the same
+            call) and ``cfg_parallel=True`` (two ranks split CFG's halves); see
+            :mod:`fxprop.distributed`.
         compile: ``True``, a dict of ``torch.compile`` options (``backend``, ``mode``,
             ``dynamic``, ``options``) or :class:`~fxprop.CompileOptions`: compile every part
             with ``torch.compile(fullgraph=True)`` when it is first captured (once per input
             signature; later generations reuse it).
-        options: further policy fields, e.g. ``branch=`` for ``reuse="deep"`` (DeepCache's
-            ``cache_branch_id``).
 
     Raises:
         TypeError: ``target`` is neither a UNet module nor a pipeline with one.

@@ -80,7 +80,7 @@ def main(out: str) -> None:
         results["pair: controlnet, cfg_parallel"] = Case("controlnet").compare(
             pair, rank == 0, cfg_parallel=True)
     else:
-        results["pair: sdxl"] = Case("sdxl").compare(pair, rank == 3)
+        results["pair: sdxl, max_batch"] = Case("sdxl").compare(pair, rank == 3, max_batch=2)
         results["pair: img2img"] = Case("img2img").compare(pair, rank == 3)
     results["one: group of one"] = (sd.run(ones[rank]), sd.run(), Counter())
     errors = {"steps": sd.error(pair, steps=STEPS if first else STEPS + 1),

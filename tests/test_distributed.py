@@ -121,7 +121,7 @@ def test_every_rank_gives_single_process_parallel_mode(ranks):
     groups = _groups(ranks)
     assert {name: len(g) for name, g in groups.items()} == {
         "world: cfg_parallel x 2 shares": 4, "pair: sd-cfg, euler": 2, "pair: img2img": 2,
-        "pair: sdxl": 2, "pair: controlnet, cfg_parallel": 2, "one: group of one": 4}
+        "pair: sdxl, max_batch": 2, "pair: controlnet, cfg_parallel": 2, "one: group of one": 4}
     for name, group in groups.items():
         alone = [ranks[r]["results"][name][1] for r in group]
         alone = [a for a in alone if a is not None]
@@ -143,10 +143,11 @@ def test_every_rank_gives_single_process_parallel_mode(ranks):
 def test_each_rank_computes_its_share_of_each_segment(ranks):
     # key steps [0, 3]: each segment's 3 steps shared 2 + 1 (3 + 3 for the two CFG halves),
     # gathered once. 6 steps: two such segments; img2img (strength 0.7) runs 4: one segment
-    # of 3, then a key step alone.
+    # of 3, then a key step alone. max_batch=2 at batch 2: chunks of one step per rank, so a
+    # segment is a chunk of 2 steps shared 1 + 1, then its last step alone on every rank.
     expected = {"world: cfg_parallel x 2 shares": ({0: 2, 1: 2, 2: 1, 3: 1}, 2),
                 "pair: sd-cfg, euler": ({0: 2, 1: 1}, 2), "pair: img2img": ({2: 2, 3: 1}, 1),
-                "pair: sdxl": ({2: 2, 3: 1}, 2),
+                "pair: sdxl, max_batch": ({2: 1, 3: 1}, 2),
                 "pair: controlnet, cfg_parallel": ({0: 3, 1: 3}, 2)}
     for name, (steps_of, segments) in expected.items():
         for r, steps in steps_of.items():

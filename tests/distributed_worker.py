@@ -76,7 +76,8 @@ def main(out: str) -> None:
     results = {"world: cfg_parallel x 2 shares": sd.compare(dist.group.WORLD, rank == 3,
                                                              cfg_parallel=True)}
     if rank < 2:   # the references on the rank of the shorter share
-        results["pair: sd-cfg, euler"] = sd.compare(pair, rank == 1, scheduler="euler")
+        results["pair: sd-cfg, euler, forecast"] = sd.compare(
+            pair, rank == 1, scheduler="euler", forecast=1)
         results["pair: controlnet, cfg_parallel"] = Case("controlnet").compare(
             pair, rank == 0, cfg_parallel=True)
     else:

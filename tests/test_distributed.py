@@ -120,7 +120,8 @@ def _groups(ranks: list[dict]) -> dict[str, list[int]]:
 def test_every_rank_gives_single_process_parallel_mode(ranks):
     groups = _groups(ranks)
     assert {name: len(g) for name, g in groups.items()} == {
-        "world: cfg_parallel x 2 shares": 4, "pair: sd-cfg, euler": 2, "pair: img2img": 2,
+        "world: cfg_parallel x 2 shares": 4, "pair: sd-cfg, euler, forecast": 2,
+        "pair: img2img": 2,
         "pair: sdxl, max_batch": 2, "pair: controlnet, cfg_parallel": 2, "one: group of one": 4}
     for name, group in groups.items():
         alone = [ranks[r]["results"][name][1] for r in group]
@@ -146,7 +147,8 @@ def test_each_rank_computes_its_share_of_each_segment(ranks):
     # of 3, then a key step alone. max_batch=2 at batch 2: chunks of one step per rank, so a
     # segment is a chunk of 2 steps shared 1 + 1, then its last step alone on every rank.
     expected = {"world: cfg_parallel x 2 shares": ({0: 2, 1: 2, 2: 1, 3: 1}, 2),
-                "pair: sd-cfg, euler": ({0: 2, 1: 1}, 2), "pair: img2img": ({2: 2, 3: 1}, 1),
+                "pair: sd-cfg, euler, forecast": ({0: 2, 1: 1}, 2),
+                "pair: img2img": ({2: 2, 3: 1}, 1),
                 "pair: sdxl, max_batch": ({2: 1, 3: 1}, 2),
                 "pair: controlnet, cfg_parallel": ({0: 3, 1: 3}, 2)}
     for name, (steps_of, segments) in expected.items():

@@ -26,13 +26,13 @@ from torch.profiler import record_function
 from .capture import Captured, FlatCall, capture, flatten_call
 from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
+from .distributed import (Ranks, agree, gather, local_call, own_steps, plan_digest,
+                          ranks_of)
 from .fingerprint import fingerprint
 from .follow import FollowState, Generation, PlanFollower, Scope, TimestepSource, scoped
 from .intercept import NOT_PLANNED, check_hooks, intercept, intercepted, release
 from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
                        repeated_call, steps_per_call, timestep_vector)
-from .distributed import (Ranks, agree, gather, local_call, own_steps, plan_digest,
-                          ranks_of)
 from .plan import Plan
 from .regions import resolve_layout
 from .split import Parts, split
@@ -57,8 +57,8 @@ class AcceleratedUNet(PlanFollower):
         self.compile_options = compile_options(compile)
         self.layout = resolve_layout(self.unet, policy.regions)
         policy.validate(self.unet)
-        self._ranks: tuple = (None, None)
-        self.ranks  # a bad process group raises here, before the UNet is intercepted
+        # a bad process group raises here, before the UNet is intercepted
+        self._ranks = (policy, ranks_of(policy.group, policy.cfg_parallel))
         self._intercept = intercept(self.unet, self)
         self._timestep_name = _timestep_name(self._intercept.original_forward)
 

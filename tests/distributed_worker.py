@@ -1,4 +1,4 @@
-"""One rank of tests/test_distributed.py: run with RANK, WORLD_SIZE, MASTER_ADDR/PORT set.
+"""The ranks of tests/test_distributed.py: run with WORLD_SIZE=4 and MASTER_ADDR/PORT set.
 
 Four ranks. The world runs SD with CFG split in halves and shares (cfg_parallel, 2 x 2); the
 pairs {0, 1} and {2, 3} run segment parallelism on two pipelines each; every rank runs a group
@@ -11,6 +11,7 @@ and the parts it ran, and the errors it raised to
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import fxprop
-from conftest import make_scheduler
+from conftest import decoder_attn_unet, make_scheduler, sd_pipeline
 from test_pipelines import CASES
 
 KEY_STEPS = [0, 3]   # 6 steps: two segments of 3, shared 2 + 1 between two ranks
@@ -31,9 +32,9 @@ class Case:
     """A pipeline of ``case`` accelerated in parallel mode, kept across runs (its UNet's
     captured graphs serve every group: only the policy changes)."""
 
-    def __init__(self, case: str) -> None:
+    def __init__(self, case: str, pipe=None) -> None:
         factory, self.kwargs = CASES[case]
-        self.pipe = fxprop.accelerate(factory(), key_steps=KEY_STEPS, parallel=True)
+        self.pipe = fxprop.accelerate(pipe or factory(), key_steps=KEY_STEPS, parallel=True)
         self.pipe.set_progress_bar_config(disable=True)
         self.runtime = fxprop.runtime_of(self.pipe)
 
@@ -72,7 +73,7 @@ def main(out: str) -> None:
     ones = [dist.new_group([r]) for r in range(4)]
     pair, first = pairs[rank // 2], rank % 2 == 0
     clock = time.perf_counter()
-    sd = Case("sd-cfg")
+    sd = Case("sd-cfg", sd_pipeline(unet=decoder_attn_unet()))  # a third of the capture time
     results = {"world: cfg_parallel x 2 shares": sd.compare(dist.group.WORLD, rank == 3,
                                                              cfg_parallel=True)}
     if rank < 2:   # the references on the rank of the shorter share
@@ -92,5 +93,18 @@ def main(out: str) -> None:
     dist.destroy_process_group()
 
 
+def _rank(rank: int, out: str) -> None:
+    os.environ["RANK"] = str(rank)
+    main(out)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    # The ranks are forked from this process after its imports (a tenth of a rank's work);
+    # nothing has started a thread yet, so forking is safe.
+    processes = [multiprocessing.get_context("fork").Process(target=_rank, args=(r, sys.argv[1]))
+                 for r in range(int(os.environ["WORLD_SIZE"]))]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+    sys.exit(max(abs(p.exitcode) for p in processes))

@@ -6,8 +6,9 @@ A few plain generations are recorded (the UNet's calls and the final sample). Fo
 forecast order from every earlier key-step state, weighted by that gain: the error tables.
 :mod:`fxprop.optimise` chooses the key steps of least predicted final error exactly per cut and
 order; the best candidates (the optimiser's and the evenly spaced schedule of as many key steps,
-for the two best cuts and orders) are then run accelerated on the calibration calls and the one
-whose final samples are nearest plain's is chosen (``verify=``).
+for the two best cuts and orders) are then run accelerated on the calibration calls (on the
+measurement's own graphs, :meth:`Measurement.accelerated`) and the one whose final samples are
+nearest plain's is chosen (``verify=``). The progress bar counts UNet steps of the whole batch.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def _runner(target: Any, num_inference_steps: int | None, scheduler: Any
                 return target(**call, **extra)
             return run
         return unet, target.scheduler, make_pipeline_run
+    return _loop_runner(target, scheduler)
+
+
+def _loop_runner(target: Any, scheduler: Any
+                 ) -> tuple[nn.Module, Any, Callable[[Any], Callable[[], Any]]]:
+    """:func:`_runner` of a bare UNet: the calls are the user's sampling loops."""
     if not isinstance(target, nn.Module):
         raise TypeError(f"calibrate takes a diffusers pipeline with a .unet or a UNet module, "
                         f"got {type(target).__name__}")
@@ -131,8 +138,8 @@ def calibrate(target: Any, calls: Sequence[Any], num_inference_steps: int | None
 
 def measure(target: Any, calls: Sequence[Any], num_inference_steps: int | None = None, *,
             scheduler: Any = None, orders: Sequence[int] = (0, 1), max_interval: int = 5,
-            probes: int = 12, min_speedup: float | None = None,
-            progress: bool = True) -> Measurement:
+            probes: int = 8, samples: int | None = 4, max_rows: int = 128,
+            min_speedup: float | None = None, progress: bool = True) -> Measurement:
     """The error tables of every cut on the generations of ``calls`` (choose from them with
     :func:`choose_calibration`, once per budget).
 
@@ -145,40 +152,62 @@ def measure(target: Any, calls: Sequence[Any], num_inference_steps: int | None =
         max_interval: the longest segment (key step to next key step) measured.
         probes: steps whose gain to the final sample is measured, shared out among the calls
             (each costs one replay from that step).
+        samples: rows of each call's UNet batch the error tables are measured on (``None``:
+            all of them).
+        max_rows: rows of one run of an every-step part (states are stacked up to it).
         min_speedup: skip the cuts that cannot reach this FLOP-ideal speedup.
     """
     _check_settings(calls, orders, max_interval)
     unet, sched, make_run = _runner(target, num_inference_steps, scheduler)
-    measurement, bar = None, None
-    for index, call in enumerate(calls):
-        run = make_run(call)
-        rec = record(unet, run, sched)
-        flat = _flat_generation(unet, rec.calls, index)
-        if measurement is None:
-            measurement = _prepare(unet, flat[0], orders, max_interval, len(flat), min_speedup)
-            measurement.num_steps, measurement.num_inference_steps = len(flat), num_inference_steps
-            measurement.target = target
-            bar = tqdm(total=len(calls) * measurement.work(len(flat)), desc="fxprop calibrate",
-                       unit="run", disable=not progress)
-        elif len(flat) != measurement.num_steps:
-            raise ValueError(f"call {index} ran {len(flat)} UNet steps, call 0 ran "
-                             f"{measurement.num_steps}: calibrate one step count and scheduler "
-                             "at a time")
-        measurement.scheduler = sched
-        steps = probe_steps(len(flat), max(probes, len(calls)))[index::len(calls)]
-        measurement.add_gains(gains(unet, run, rec, sched, steps))
-        measurement.measure(flat, _positions(sched, len(flat)), bar, rec.final)
-        if not isinstance(target, nn.Module):  # a pipeline: it can be accelerated to verify
-            measurement.replays.append((run, rec.final))
-        del rec, flat
-    bar.close()
+    measurement = None
+    with tqdm(desc="fxprop calibrate", unit="step", disable=not progress) as bar:
+        for index, call in enumerate(calls):
+            run = make_run(call)
+            rec = record(unet, run, sched)
+            flat = _flat_generation(unet, rec.calls, index)
+            if measurement is None:
+                bar.total = _work(len(flat), len(calls), probes)
+                bar.refresh()
+                measurement = _prepare(unet, flat, orders, max_interval, min_speedup,
+                                       samples, max_rows)
+                measurement.num_inference_steps = num_inference_steps
+                measurement.progress = progress
+            steps = probe_steps(len(flat), max(probes, len(calls)))[index::len(calls)]
+            _add_call(measurement, index, (run, rec, flat, sched), steps, bar)
+            del rec, flat
     return measurement
 
 
-def _prepare(unet: nn.Module, first: FlatCall, orders: Sequence[int], max_interval: int,
-             num_steps: int, target_speedup: float | None) -> Measurement:
+def _add_call(measurement: Measurement, index: int, recorded: tuple, steps: list[int],
+              bar: Any) -> None:
+    """Add one recorded call, ``(run, recording, flat calls, scheduler)``, to the tables:
+    its gains at ``steps``, its errors, and its final sample (to verify candidates on)."""
+    run, rec, flat, sched = recorded
+    if len(flat) != measurement.num_steps:
+        raise ValueError(f"call {index} ran {len(flat)} UNet steps, call 0 ran "
+                         f"{measurement.num_steps}: calibrate one step count and scheduler at "
+                         "a time")
+    bar.update(len(flat))
+    measurement.scheduler = sched
+    measurement.add_gains(gains(measurement.unet, run, rec, sched, steps, bar))
+    measurement.measure(flat, _positions(sched, len(flat)), bar, rec.final)
+    measurement.replays.append((run, rec.final))
+
+
+def _work(num_steps: int, num_calls: int, probes: int) -> int:
+    """UNet steps of the whole measurement (for the progress bar): per call a recorded
+    generation, its replays and the measured steps."""
+    replays = sum(num_steps - j for j in probe_steps(num_steps, max(probes, num_calls)))
+    return 2 * num_steps * num_calls + replays
+
+
+def _prepare(unet: nn.Module, flat: list[FlatCall], orders: Sequence[int], max_interval: int,
+             target_speedup: float | None, samples: int | None,
+             max_rows: int) -> Measurement:
     """Capture and count FLOPs; with a FLOP budget, drop the cuts that cannot reach it."""
-    measurement = Measurement(unet, first, orders, max_interval)
+    num_steps = len(flat)
+    measurement = Measurement(unet, flat[0], orders, max_interval, samples, max_rows)
+    measurement.num_steps = num_steps
     if target_speedup is not None:
         fewest = math.ceil(num_steps / max_interval)
         reach = {c.id: speedup(fewest, num_steps, c.step_cost) for c in measurement.cuts}
@@ -253,26 +282,21 @@ def choose_calibration(measurement: Measurement, target_speedup: float | None = 
     for option in sorted(best, key=lambda o: o.error)[: max(1, (verify + 1) // 2)]:
         finalists += [option, _even(measurement, option)]
     finalists = [o for o in finalists if o is not None][:verify]
-    scored = [(_final_error(measurement, _make(measurement, o, budget, best)), o)
-              for o in finalists]
+    scored = [(_final_error(measurement, o), o) for o in tqdm(
+        finalists, desc="fxprop verify", unit="schedule", disable=not measurement.progress)]
     error, chosen = min(scored, key=lambda s: s[0])
     return _make(measurement, chosen, budget, best, verified=error)
 
 
-def _final_error(measurement: Measurement, calibration: Calibration) -> float:
-    """Relative error of the final samples of the calibration calls run accelerated by
-    ``calibration`` (root mean square over calls)."""
-    from .api import accelerate, restore
-
-    target, scheduler, total = measurement.target, measurement.scheduler, 0.0
-    accelerate(target, **calibration.accelerate_options(measurement.num_steps, scheduler))
-    try:
-        for run, final in measurement.replays:
-            found = final_of(run, target.scheduler).double()
-            total += float(((found - final.double()).norm() /
-                            final.double().norm().clamp_min(1e-30)) ** 2)
-    finally:
-        restore(target)
+def _final_error(measurement: Measurement, option: Option) -> float:
+    """Relative error of the final samples of the calibration calls run accelerated with
+    ``option`` (root mean square over calls)."""
+    total = 0.0
+    for run, final in measurement.replays:
+        forward = measurement.accelerated(option.cut, option.order, option.key_steps)
+        found = final_of(run, measurement.scheduler, measurement.unet, forward).double()
+        total += float(((found - final.double()).norm() /
+                        final.double().norm().clamp_min(1e-30)) ** 2)
     return math.sqrt(total / len(measurement.replays))
 
 

@@ -10,6 +10,12 @@ output error *as it reaches the final sample*: ``(gain_j * |out - true| / |final
 sample in nearly independent directions, so their squares add: the sum over a schedule's
 non-key steps predicts its squared relative final error, additive as :mod:`fxprop.optimise`
 needs. Only the frontiers of the last ``(max order + 1) * max_interval`` steps are kept.
+
+Cost: the tables are measured on ``samples`` evenly spaced rows of the batch (as many of each
+CFG half; their squared error, times the batch over the rows, stands for the batch's), and the
+every-step part runs once per cut and step for all of that step's states, their frontiers
+stacked along the batch (``max_rows`` rows a run): two captures, one at the rows, one at the
+stacked batch.
 """
 
 from __future__ import annotations
@@ -20,19 +26,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .capture import CallKey, FlatCall, capture
+from .capture import CallKey, FlatCall, capture, flatten_call
 from .config import make_policy
 from .deep import find_branches
 from .forecast import lagrange
-from .optimise import State, schedule_error, speedup
-from .propagation import interpolate
+from .optimise import State, schedule_error, speedup, state_after
+from .parallel import map_batched, repeat_batch
+from .propagation import interpolate, smooth
 from .regions import resolve_layout
 from .split import Parts, split
 
-__all__ = ["states", "Cut", "Measurement", "output_errors"]
+__all__ = ["states", "Cut", "Measurement", "output_errors", "measured_rows"]
 
 
 def states(j: int, orders: Sequence[int], max_interval: int) -> list[State]:
@@ -64,6 +72,7 @@ class Cut:
     reach: float
     positions: list[float] = field(default_factory=list)
     sums: dict = field(default_factory=dict)   # (state, j) -> [sum of (err / |final|)^2, calls]
+    group: int | None = None           # states measured per run of the every-step part
 
     @property
     def id(self) -> tuple:
@@ -118,15 +127,19 @@ class Measurement:
     """The error tables of every candidate cut over the recorded generations."""
 
     def __init__(self, unet: nn.Module, first: FlatCall, orders: Sequence[int],
-                 max_interval: int) -> None:
+                 max_interval: int, samples: int | None = 4, max_rows: int = 128) -> None:
         self.unet, self.orders, self.max_interval = unet, tuple(orders), max_interval
+        self.samples, self.max_rows = samples, max_rows
+        self.forward = type(unet).forward.__get__(unet)
         self.num_steps, self.num_inference_steps, self.scheduler = 0, None, None
         self.layout = resolve_layout(unet, None)
         self._graphs: dict[CallKey, tuple[Parts, dict]] = {}
+        self._out_specs: dict[CallKey, Any] = {}
         self.cuts: list[Cut] = []
         self.gains: dict[int, list[float]] = {}   # probed step -> gain of each call
         self.replays: list[tuple[Callable, torch.Tensor]] = []  # (run a call, its final)
-        self.target: Any = None
+        self.progress = False
+        first = self.subset(first)[0]
         union, steps = self._capture(first)
         full = _flops(union.full, *first.tensors)
         for cut in self.cuts:
@@ -137,7 +150,7 @@ class Measurement:
         """The union parts (whole UNet + every frontier) and each cut's parts, per signature."""
         if call.key in self._graphs:
             return self._graphs[call.key]
-        captured = capture(self.unet, call, type(self.unet).forward.__get__(self.unet))
+        captured = capture(self.unet, call, self.forward)
         frontiers = {("encoder", None): make_policy("encoder").cut(captured, self.layout)}
         for branch in find_branches(captured, self.layout):
             try:
@@ -153,6 +166,7 @@ class Measurement:
                 self.cuts.append(Cut(reuse, branch, [union.index(n) for n in f], 1.0,
                                      policy.forecast_in, policy.forecast_reach))
         self._graphs[call.key] = split(captured, union), steps
+        self._out_specs[call.key] = captured.out_spec
         return self._graphs[call.key]
 
     def calibration(self, target_speedup: float | None = None,
@@ -167,34 +181,61 @@ class Measurement:
             self.gains.setdefault(j, []).append(g)
 
     def gain_curve(self) -> list[float]:
-        """Every step's gain: the probed ones averaged over calls, the others interpolated."""
+        """Every step's gain: the probed ones averaged over calls if every step after 0 is
+        probed, else a smooth curve fitted to them (:func:`fxprop.propagation.smooth`)."""
         known = {j: sum(g) / len(g) for j, g in self.gains.items()}
-        return interpolate(known, self.num_steps) if known else [1.0] * self.num_steps
+        if not known:
+            return [1.0] * self.num_steps
+        if len(known) >= self.num_steps - 1:
+            return interpolate(known, self.num_steps)
+        return smooth(known, self.num_steps)
 
     def tables(self) -> dict[tuple, dict]:
         gains = self.gain_curve()
         return {cut.id: cut.table(gains) for cut in self.cuts}
 
-    def predict(self, reuse: str, branch: int | None, order: int,
-                key_steps: Sequence[int]) -> tuple[float, float] | None:
+    def predict(self, reuse: str, branch: int | None, order: int, key_steps: Sequence[int],
+                propagated: bool = True) -> tuple[float, float] | None:
         """``(FLOP-ideal speedup, predicted relative final error)`` of any schedule of a
-        measured cut, or ``None`` if a segment is longer than ``max_interval``."""
+        measured cut, or ``None`` if a segment is longer than ``max_interval``.
+        ``propagated=False``: the output errors alone (every gain 1), the other measure."""
         cut = next(c for c in self.cuts if c.id == (reuse, branch))
         keys = [k for k in key_steps if k < self.num_steps]
-        error = schedule_error(cut.table(self.gain_curve()), keys, self.num_steps, order)
+        gains = self.gain_curve() if propagated else [1.0] * self.num_steps
+        error = schedule_error(cut.table(gains), keys, self.num_steps, order)
         if math.isinf(error):
             return None
         return speedup(len(keys), self.num_steps, cut.step_cost), math.sqrt(error)
 
+    def accelerated(self, cut_id: tuple, order: int, key_steps: Sequence[int]) -> Callable:
+        """A UNet forward that runs one generation as ``fxprop.accelerate`` would with this
+        cut, order and key steps (prior noise off), on the measurement's own graphs: what
+        verifying a candidate runs, with no capture of its own."""
+        cut, keys = next(c for c in self.cuts if c.id == cut_id), set(key_steps)
+        step, state, kept = [0], [()], {}
+
+        @torch.no_grad()
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            j, call = step[0], flatten_call(self.forward, args, kwargs)
+            step[0] += 1
+            union, steps = self._capture(call)
+            if j in keys:
+                out = union.full(*call.tensors)
+                kept[j] = [out[union.num_outputs + i] for i in cut.index]
+                state[0] = state_after(state[0], j, order)
+                out = out[: union.num_outputs]
+            else:
+                weights = cut.weights(state[0], j)
+                used = state[0] if weights is not None else state[0][:1]
+                frontier = _combine([kept[k] for k in used], weights or (1.0,))
+                parts = steps[cut.id]
+                out = parts.step(*[call.tensors[i] for i in parts.step_inputs], *frontier)
+            return pytree.tree_unflatten(list(out), self._out_specs[call.key])
+        return forward
+
     def keep(self, wanted: Callable[[Cut], bool]) -> None:
         """Measure only the cuts ``wanted`` accepts (e.g. those that reach a FLOP budget)."""
         self.cuts = [c for c in self.cuts if wanted(c)]
-
-    def work(self, num_steps: int) -> int:
-        """Part runs one generation costs (for the progress bar)."""
-        per_step = [1 + len(self.cuts) * len(states(j, self.orders, self.max_interval))
-                    for j in range(num_steps)]
-        return sum(per_step)
 
     @torch.no_grad()
     def measure(self, calls: list[FlatCall], positions: dict[str, list[float]],
@@ -208,27 +249,82 @@ class Measurement:
         depth = (max(self.orders) + 1) * self.max_interval
         kept: dict[int, tuple] = {}
         for j, call in enumerate(calls):
-            union, steps = self._capture(call)
-            out = union.full(*call.tensors)
+            sub, share = self.subset(call)
+            union, _ = self._capture(sub)
+            out = union.full(*sub.tensors)
             true, kept[j] = out[: union.num_outputs], tuple(out[union.num_outputs:])
             kept.pop(j - depth, None)
-            bar.update(1)
-            for cut in self.cuts:
-                self._measure_step(cut, steps[cut.id], call, j, true, kept, bar, scale)
+            for cut in self.cuts:  # the rows' error stands for the batch's: times sqrt(share)
+                self._measure_step(cut, sub, j, true, kept, scale / math.sqrt(share))
+            if bar is not None:
+                bar.update(1)
 
-    def _measure_step(self, cut: Cut, parts: Parts, call: FlatCall, j: int, true: Sequence,
-                      kept: dict, bar: Any, final: float) -> None:
-        inputs = [call.tensors[i] for i in parts.step_inputs]
+    def subset(self, call: FlatCall) -> tuple[FlatCall, float]:
+        """``call`` on the rows measured (``samples`` evenly spaced rows of the batch, which
+        takes as many of each CFG half) and the batch's size over theirs."""
+        batch = call.tensors[0].shape[0]
+        rows = measured_rows(batch, self.samples)
+        if len(rows) == batch or call.tensors[0].ndim == 5:  # video: per-frame leaves
+            return call, 1.0
+        index = torch.tensor(rows, device=call.tensors[0].device)
+        return map_batched(self.forward, call, lambda x: x.index_select(0, index)), \
+            batch / len(rows)
+
+    def _group(self, cut: Cut, call: FlatCall, true: Sequence, kept: dict, j: int) -> int:
+        """How many states one run of the every-step part measures (1 unless every frontier
+        tensor and output has the batch first)."""
+        if cut.group is None:
+            batch = call.tensors[0].shape[0]
+            tensors = [kept[j][i] for i in cut.index] + list(true)
+            whole = all(x.ndim and x.shape[0] == batch for x in tensors)
+            cut.group = min(self._most_states(), max(1, self.max_rows // batch)) if whole \
+                else 1
+        return cut.group
+
+    def _most_states(self) -> int:
+        reach = min(self.num_steps, (max(self.orders) + 2) * self.max_interval + 1)
+        return max(len(states(j, self.orders, self.max_interval)) for j in range(reach))
+
+    def _measure_step(self, cut: Cut, call: FlatCall, j: int, true: Sequence, kept: dict,
+                      final: float) -> None:
+        found = []
         for state in states(j, self.orders, self.max_interval):
-            bar.update(1)
             weights = cut.weights(state, j)
-            if weights is None:
-                continue
-            frontier = _combine([[kept[k][i] for i in cut.index] for k in state], weights)
-            error = output_errors(parts.step(*inputs, *frontier), true) / final
-            total = cut.sums.setdefault((state, j), [0.0, 0])
-            total[0] += error ** 2
-            total[1] += 1
+            if weights is not None:
+                found.append((state, weights))
+        group = self._group(cut, call, true, kept, j)
+        for start in range(0, len(found), group):
+            chunk = found[start:start + group]
+            frontiers = [_combine([[kept[k][i] for i in cut.index] for k in state], weights)
+                         for state, weights in chunk]
+            for (state, _), error in zip(chunk, self._errors(cut, call, frontiers, group, true)):
+                total = cut.sums.setdefault((state, j), [0.0, 0])
+                total[0] += (error / final) ** 2
+                total[1] += 1
+
+    def _errors(self, cut: Cut, call: FlatCall, frontiers: list[list[torch.Tensor]],
+                group: int, true: Sequence) -> list[float]:
+        """The output error of the every-step part on each frontier, ``group`` frontiers a
+        run (stacked along the batch, the last repeated to fill the run)."""
+        if group == 1:
+            parts = self._capture(call)[1][cut.id]
+            inputs = [call.tensors[i] for i in parts.step_inputs]
+            return [output_errors(parts.step(*inputs, *f), true) for f in frontiers]
+        batch = call.tensors[0].shape[0]
+        frontiers = frontiers + [frontiers[-1]] * (group - len(frontiers))
+        stacked = [torch.cat([f[p] for f in frontiers]) for p in range(len(frontiers[0]))]
+        tiled = map_batched(self.forward, call, lambda x: repeat_batch(x, group))
+        parts = self._capture(tiled)[1][cut.id]
+        out = parts.step(*[tiled.tensors[i] for i in parts.step_inputs], *stacked)
+        return [output_errors([o[g * batch:(g + 1) * batch] for o in out], true)
+                for g in range(len(frontiers))]
+
+
+def measured_rows(batch: int, samples: int | None) -> list[int]:
+    """``samples`` rows of a batch evenly spaced (all of them for ``None`` or more)."""
+    if samples is None or samples >= batch:
+        return list(range(batch))
+    return sorted({batch * i // samples for i in range(samples)})
 
 
 def _step_args(parts: Parts, call: FlatCall, union: Parts, cut: Cut) -> list[torch.Tensor]:

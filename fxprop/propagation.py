@@ -5,9 +5,13 @@ the final sample, the last ``scheduler.step`` result). :func:`gains` then replay
 ``j`` (the recorded outputs stand in for the UNet before ``j``, so only steps ``j..n-1`` run),
 adding to the UNet output at ``j`` the change of the output over one step, ``out_j - out_{j-1}``
 (the direction and size of a one-step-stale reuse error), and measures
-``gain_j = |final' - final| / |out_j - out_{j-1}|`` (Frobenius norms over the batch). Steps not
-probed are interpolated (log-linearly). Replays must be deterministic: pipelines get their
-generators' states reset before every run; a bare-UNet loop must seed its own noise.
+``gain_j = |final' - final| / |out_j - out_{j-1}|`` (Frobenius norms over the batch). One probe
+measures one direction, so probes are noisy (on the digits model neighbouring probes differ by 2x
+and more): when not every step is probed, the gain curve is a quadratic in ``log gain`` fitted
+to them (:func:`smooth`), not an interpolation that a key-step optimiser would chase. Replays
+must be deterministic: pipelines get their generators' states reset before every run; a
+bare-UNet loop must seed its own noise. :func:`final_of` with ``forward=`` also runs the
+candidates that calibration verifies.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 __all__ = ["Recording", "record", "replay", "final_of", "gains", "probe_steps",
-           "interpolate"]
+           "interpolate", "smooth"]
 
 
 @dataclass
@@ -109,10 +113,12 @@ def replay(unet: nn.Module, run: Callable[[], Any], rec: Recording, step: int,
     return sink[0] if sink and count[0] == len(rec.outputs) else None
 
 
-def final_of(run: Callable[[], Any], scheduler: Any) -> torch.Tensor | None:
-    """The final sample of ``run()`` (its last ``scheduler.step``)."""
+def final_of(run: Callable[[], Any], scheduler: Any, unet: nn.Module | None = None,
+             forward: Callable | None = None) -> torch.Tensor | None:
+    """The final sample of ``run()`` (its last ``scheduler.step``), with ``unet.forward``
+    replaced by ``forward`` if given."""
     sink: list = []
-    with _Patched(None, None, scheduler, sink):
+    with _Patched(unet, forward, scheduler, sink):
         run()
     return sink[0] if sink else None
 
@@ -138,6 +144,22 @@ def interpolate(known: dict[int, float], num_steps: int) -> list[float]:
         a, b = math.log(max(known[lo], 1e-30)), math.log(max(known[hi], 1e-30))
         out.append(math.exp(a + (b - a) * (j - lo) / (hi - lo)))
     return out
+
+
+def smooth(known: dict[int, float], num_steps: int, degree: int = 2) -> list[float]:
+    """Every step's value from ``known`` ones: least squares polynomial of ``degree`` in the
+    step fitted to their logarithms (log-linear interpolation if there are too few to fit)."""
+    if len(known) <= degree + 1:
+        return interpolate(known, num_steps)
+    steps = torch.tensor(sorted(known), dtype=torch.float64)
+    values = torch.tensor([math.log(max(known[j], 1e-30)) for j in sorted(known)],
+                          dtype=torch.float64)
+    scale = max(num_steps - 1, 1)
+    basis = torch.stack([(steps / scale) ** p for p in range(degree + 1)], 1)
+    coeffs = torch.linalg.lstsq(basis, values[:, None]).solution[:, 0]
+    at = torch.arange(num_steps, dtype=torch.float64) / scale
+    fitted = sum(c * at ** p for p, c in enumerate(coeffs))
+    return [math.exp(float(x)) for x in fitted]
 
 
 @torch.no_grad()

@@ -272,3 +272,81 @@ def test_accelerate_applies_a_calibration_and_refuses_other_steps(digits, calibr
     other.scheduler = make_scheduler("euler")
     with pytest.raises(ValueError, match="this calibration is for DDIMScheduler, not Euler"):
         fxprop.accelerate(other, calibration)
+
+
+def test_a_calibration_of_another_model_is_refused(digits):
+    other = _calibration(model="UNet2DConditionModel:0000000000000000", num_steps=STEPS)
+    with pytest.raises(ValueError, match="calibration is for the model UNet2DConditionModel:0"):
+        fxprop.accelerate(type(digits)(**digits.components), other)
+
+
+def test_a_generation_that_changes_signature_midway_is_refused(digits):
+    def loop(model):
+        scheduler = make_scheduler("ddim")
+        scheduler.set_timesteps(4)
+        x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        for i, t in enumerate(scheduler.timesteps):
+            batch = x if i < 2 else torch.cat([x, x])  # the batch doubles at step 2
+            out = model(batch, t, encoder_hidden_states=torch.zeros(len(batch), 1, 64)).sample
+            x = scheduler.step(out[:2], t, x).prev_sample
+
+    with pytest.raises(ValueError, match="UNet call 2 has other input shapes"):
+        calibrate(digits.unet, [loop], scheduler=make_scheduler("ddim"), max_error=1.0,
+                  progress=False)
+
+
+def test_the_shipped_calibration_loads_and_applies_to_the_demo_pipeline(digits):
+    from fxprop.demo import DIGITS_CALIBRATION
+
+    shipped = Calibration.load(DIGITS_CALIBRATION)
+    assert (shipped.num_steps, shipped.scheduler) == (50, "DDIMScheduler")
+    assert shipped.budget == {"target_speedup": 2.0} and shipped.predicted_speedup >= 2.0
+    shipped.check_model(digits.unet)
+    pipe = fxprop.accelerate(type(digits)(**digits.components), shipped)
+    plain = digits(labels=[3], generator=torch.Generator().manual_seed(5), output_type="pt",
+                   num_inference_steps=50).images
+    fast = pipe(labels=[3], generator=torch.Generator().manual_seed(5), output_type="pt",
+                num_inference_steps=50).images
+    assert 0 < float((fast - plain).abs().max()) < 0.5  # accelerated, and still the digit
+    with pytest.raises(ValueError, match="this calibration is for 50 steps"):
+        pipe(labels=[3], num_inference_steps=STEPS)
+
+
+def test_cli_calibrate_passes_its_options_and_writes_the_calibration(tmp_path, monkeypatch,
+                                                                     capsys, calibration):
+    """`python -m fxprop calibrate` (the calibration itself stubbed: the fixture's)."""
+    from fxprop import cli
+
+    seen = []
+
+    def fake(pipe, calls, steps, **options):
+        seen.append((len(calls), steps, options))
+        return calibration
+    monkeypatch.setattr(fxprop, "calibrate", fake)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the suite's 1 thread
+    out = tmp_path / "c.json"
+    assert cli.main(["calibrate", "--steps", "8", "--out", str(out), "--quiet"]) == 0
+    assert cli.main(["calibrate", "--max-error", "0.05", "--out", str(out)]) == 0
+    assert seen == [(2, 8, dict(target_speedup=2.0, max_error=None, progress=False)),
+                    (2, 50, dict(target_speedup=None, max_error=0.05, progress=True))]
+    assert Calibration.load(out) == calibration
+    assert "Calibration for UNet2DConditionModel" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["calibrate", "--speedup", "2", "--max-error", "0.1"],
+                                  ["calibrate", "--steps", "many"]])
+def test_cli_calibrate_refuses_bad_arguments(argv, capsys):
+    from fxprop.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "not allowed with argument" in err or "invalid int value: 'many'" in err
+
+
+def test_cli_without_a_command_prints_usage(capsys):
+    from fxprop.cli import main
+
+    assert main([]) == 2 and main(["nope"]) == 2
+    assert "fxprop calibrate [--speedup X | --max-error E]" in capsys.readouterr().err

@@ -4,14 +4,18 @@
     python tools/bench_calibration.py --per-digit 20 --plot calibration.png
 
 Calibrates the shipped digits model once (50 DDIM steps, 2 calls of the ten digits, seeds
-100-101; ``fxprop.calibrate.measure``) and chooses a schedule per FLOP-ideal target from
-that one measurement (each choice runs its finalists on the calibration calls to verify). Hand-set policies: the faster-diffusion preset, encoder every N, DeepCache
-uniform (every branch) and non-uniform, each with forecast orders 0-2 where they apply. All
-run on other seeds (1000+) than calibration, interleaved (tools/bench_quality.py's runner);
-per policy: FLOP-ideal and measured speedup, PSNR against plain, classifier accuracy, Fréchet
-distance, and the relative final error calibration predicts for it (``-`` where a segment is longer than the
-measured ``max_interval``). Per target it prints the best hand-set PSNR within +-10% of the
-speed, the calibrated PSNR, and the rank correlation of predicted error and measured PSNR.
+100-101, as ``python -m fxprop calibrate``; ``fxprop.calibrate.measure``) and chooses a
+schedule per FLOP-ideal target from that one measurement (each choice runs its finalists on the
+calibration calls to verify). Hand-set policies: the faster-diffusion preset, encoder every N,
+DeepCache uniform (every branch) and non-uniform, each with forecast orders 0-2 where they
+apply, those of a measured cut within 10% of a target's speed. All run on other seeds (1000+)
+than calibration, interleaved (tools/bench_quality.py's runner); per policy: FLOP-ideal and
+measured speedup, PSNR against plain, classifier accuracy, Fréchet distance, and the relative
+final error calibration predicts for it (``-`` where a segment is longer than the measured
+``max_interval`` or the order was not measured). Per target it prints the best hand-set PSNR
+within +-10% of the speed and the calibrated PSNR; then the rank correlation of predicted error
+and measured PSNR for both measures (the error propagated to the final sample, the output error
+alone); and it draws the Pareto plot (``fxprop.demo.plot``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import torch  # noqa: E402
 import fxprop  # noqa: E402
 from bench_quality import Row, run, score  # noqa: E402
 from fxprop.calibrate import measure  # noqa: E402
+from fxprop.cli import calibration_calls  # noqa: E402
 from fxprop.demo import load_digits_pipeline  # noqa: E402
+from fxprop.demo.plot import pareto_plot  # noqa: E402
 from fxprop.schedules import deepcache_nonuniform, every, faster_diffusion  # noqa: E402
 
 TARGETS = (1.5, 2.0, 2.5, 3.0)
@@ -72,54 +78,77 @@ def _ideal(measured, reuse, branch, keys) -> float:
     return n / (len(keys) + (n - len(keys)) * cut.step_cost)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--per-digit", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--max-interval", type=int, default=5)
-    parser.add_argument("--plot", default="bench-calibration.png")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    base = load_digits_pipeline()
-    base.set_progress_bar_config(disable=True)
-    calls = [dict(labels=list(range(10)), generator=torch.Generator().manual_seed(s),
-                  output_type="pt") for s in (100, 101)]
-    start = time.perf_counter()
-    measured = measure(base, calls, args.steps, max_interval=args.max_interval,
-                       min_speedup=min(TARGETS))
-    print(f"calibration (measurement) took {time.perf_counter() - start:.1f} s")
-    policies = {"plain": (None, None)}
+def calibrated(measured, steps: int, scheduler) -> dict:
+    """Name -> (accelerate options, spec) of the calibrated schedule of every target."""
+    out = {}
     for target in TARGETS:
         start = time.perf_counter()
         calibration = measured.calibration(target_speedup=target)
         print(f"choosing (with verification) at {target}x took "
               f"{time.perf_counter() - start:.1f} s")
         print(calibration)
-        policies[f"calibrated {target}x"] = (calibration.accelerate_options(
-            args.steps, base.scheduler), (calibration.reuse, calibration.branch,
-                                          calibration.forecast, calibration.key_steps))
-    cuts = {c.id for c in measured.cuts}
-    for name, (options, spec) in hand_set(measured).items():
-        ideal = _ideal(measured, *spec[:2], spec[3]) if spec[:2] in cuts else 0
-        if any(abs(ideal / t - 1) <= 0.1 for t in TARGETS):
-            policies[name] = (options, spec)
-    rows, info = [], {}
+        out[f"calibrated {target}x"] = (calibration.accelerate_options(steps, scheduler), (
+            calibration.reuse, calibration.branch, calibration.forecast, calibration.key_steps))
+    return out
+
+
+def rows_of(base, measured, policies: dict) -> tuple[list[Row], dict]:
+    """A pipeline per policy, and name -> (FLOP-ideal speedup, predicted error propagated to
+    the final sample, output error alone)."""
+    rows, info = [Row("plain", _pipe(base))], {}
     for name, (options, spec) in policies.items():
-        pipe = type(base)(**base.components)
-        pipe.set_progress_bar_config(disable=True)
-        if options is not None:
-            fxprop.accelerate(pipe, **options)
-            predicted = measured.predict(*spec)
-            info[name] = (_ideal(measured, spec[0], spec[1], spec[3]),
-                          None if predicted is None else predicted[1])
+        fxprop.accelerate(pipe := _pipe(base), **options)
+        predicted = [measured.predict(*spec, propagated=p) for p in (True, False)]
+        info[name] = (_ideal(measured, spec[0], spec[1], spec[3]),
+                      *[None if p is None else p[1] for p in predicted])
         rows.append(Row(name, pipe))
+    return rows, info
+
+
+def _pipe(base):
+    pipe = type(base)(**base.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _near(measured, policies: dict) -> dict:
+    """The hand-set policies within +-10% of a target's FLOP-ideal speedup."""
+    cuts = {c.id for c in measured.cuts}
+    return {name: (options, spec) for name, (options, spec) in policies.items()
+            if spec[:2] in cuts and any(
+                abs(_ideal(measured, *spec[:2], spec[3]) / t - 1) <= 0.1 for t in TARGETS)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-digit", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--max-interval", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=4,
+                        help="rows of each calibration call's batch measured")
+    parser.add_argument("--plot", default="bench-calibration.png")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = load_digits_pipeline()
+    base.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    measured = measure(base, calibration_calls(), args.steps, max_interval=args.max_interval,
+                       samples=args.samples, min_speedup=min(TARGETS))
+    print(f"calibration (measurement) took {time.perf_counter() - start:.1f} s")
+    policies = calibrated(measured, args.steps, base.scheduler)
+    policies.update(_near(measured, hand_set(measured)))
+    rows, info = rows_of(base, measured, policies)
     labels = [d for _ in range(args.per_digit) for d in range(10)]
     with torch.no_grad():
         run(rows, labels, 100, args.steps, 1000)
     score(rows, labels)
     report(rows, info)
-    plot(rows, info, args.plot)
+    pareto_plot([(r.name, info[r.name][0], r.metrics["psnr"]) for r in rows[1:]], args.plot,
+                xlabel="FLOP-ideal speedup (x)", ylabel="PSNR against plain (dB)",
+                title=f"calibrated (red stars) vs hand-set policies, digits model, "
+                      f"{args.steps} DDIM steps")
+    print(f"wrote {args.plot}")
     return 0
 
 
@@ -128,52 +157,32 @@ def report(rows: list[Row], info: dict) -> None:
           f"{'pred err':>10}")
     for row in rows:
         m = row.metrics
-        ideal, predicted = info.get(row.name, (1.0, 0.0))
+        ideal, predicted, _ = info.get(row.name, (1.0, 0.0, 0.0))
         pred = "-" if predicted is None else f"{predicted:.4f}"
         print(f"{row.name:<30}{ideal:>7.2f}{m['speedup']:>8.2f}{m['psnr']:>9.1f}"
               f"{m['accuracy']:>7.1%}{m['fd']:>8.2f}{pred:>10}")
     for target in TARGETS:
         near = [r for r in rows if r.name in info and not r.name.startswith("calibrated")
                 and abs(info[r.name][0] / target - 1) <= 0.1]
-        calibrated = next(r for r in rows if r.name == f"calibrated {target}x")
+        mine = next(r for r in rows if r.name == f"calibrated {target}x")
         best = max(near, key=lambda r: r.metrics["psnr"], default=None)
-        line = f"{target}x: calibrated {calibrated.metrics['psnr']:.1f} dB"
+        line = f"{target}x: calibrated {mine.metrics['psnr']:.1f} dB"
         if best is not None:
             line += f", best hand-set {best.name} {best.metrics['psnr']:.1f} dB"
         print(line)
-    scored = [(info[r.name][1], r.metrics["psnr"]) for r in rows
-              if r.name in info and info[r.name][1] is not None]
-    print(f"rank correlation of predicted error and -PSNR over {len(scored)} policies: "
-          f"{_spearman([p for p, _ in scored], [-q for _, q in scored]):.3f}")
+    for index, measure_name in ((1, "error propagated to the final sample"),
+                                (2, "output error alone")):
+        scored = [(info[r.name][index], r.metrics["psnr"]) for r in rows
+                  if r.name in info and info[r.name][index] is not None]
+        print(f"rank correlation of predicted error ({measure_name}) and -PSNR over "
+              f"{len(scored)} policies: "
+              f"{_spearman([p for p, _ in scored], [-q for _, q in scored]):.3f}")
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
     ra, rb = (torch.tensor(x).argsort().argsort().double() for x in (a, b))
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
-
-
-def plot(rows: list[Row], info: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for row in rows[1:]:
-        calibrated = row.name.startswith("calibrated")
-        ax.scatter(info[row.name][0], row.metrics["psnr"], s=70 if calibrated else 25,
-                   marker="*" if calibrated else "o",
-                   color="tab:red" if calibrated else "tab:blue")
-        ax.annotate(row.name, (info[row.name][0], row.metrics["psnr"]), fontsize=6,
-                    xytext=(3, 2), textcoords="offset points")
-    ax.set_xlabel("FLOP-ideal speedup (x)")
-    ax.set_ylabel("PSNR against plain (dB)")
-    ax.set_title("calibrated (red stars) vs hand-set policies, digits model, 50 DDIM steps")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ accelerator be exercised end to end on a CPU, offline, in seconds.
 from pathlib import Path
 
 DIGITS_DIR = Path(__file__).resolve().parent / "digits"
+#: The shipped calibration of the digits model: 50 DDIM steps, FLOP-ideal 2x
+#: (``python -m fxprop calibrate --out ...`` remakes it).
+DIGITS_CALIBRATION = Path(__file__).resolve().parent / "digits-ddim50-2x.json"
 
-__all__ = ["DIGITS_DIR", "load_digits_pipeline"]
+__all__ = ["DIGITS_DIR", "DIGITS_CALIBRATION", "load_digits_pipeline"]
 
 
 def load_digits_pipeline(path=None, **kwargs):

@@ -24,10 +24,9 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.utils._pytree as pytree
 
-from .capture import TENSOR, FlatCall, flatten_call
-from .parallel import batch_sizes
+from .capture import FlatCall
+from .parallel import map_batched
 
 __all__ = ["Ranks", "ranks_of", "shares", "own_steps", "local_call", "gather", "agree",
            "plan_digest"]
@@ -118,19 +117,13 @@ def local_call(forward: Callable, call: FlatCall, ranks: Ranks | None) -> FlatCa
     if batch % 2:
         raise ValueError(f"cfg_parallel=True splits the UNet's batch in two halves, but the "
                          f"batch is {batch}: use it with classifier-free guidance")
-    lo, hi, sizes = ranks.half * batch // 2, (ranks.half + 1) * batch // 2, batch_sizes(call)
-    tensors = iter(call.tensors)
-    leaves = [_half(next(tensors), sizes, batch, lo, hi) if leaf is TENSOR else leaf
-              for leaf in call.template]
-    return flatten_call(forward, (), pytree.tree_unflatten(leaves, call.spec))
+    lo, hi = ranks.half * batch // 2, (ranks.half + 1) * batch // 2
 
+    def half(x: torch.Tensor) -> torch.Tensor:
+        per = x.shape[0] // batch   # 1, or the frames of a video's per-frame leaves
+        return x[lo * per:hi * per]
 
-def _half(x: torch.Tensor, sizes: set[int], batch: int, lo: int, hi: int) -> torch.Tensor:
-    """Samples ``lo:hi`` of a per-sample leaf (first dim the batch, or batch x frames)."""
-    if x.ndim == 0 or x.shape[0] not in sizes:
-        return x
-    per = x.shape[0] // batch   # 1, or the frames of a video's per-frame leaves
-    return x[lo * per:hi * per]
+    return map_batched(forward, call, half)
 
 
 def gather(ranks: Ranks, outputs: tuple[torch.Tensor, ...], steps: range,

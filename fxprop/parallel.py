@@ -32,7 +32,8 @@ from .plan import Segment
 from .split import Parts
 
 __all__ = ["steps_per_call", "chunk_at", "repeat_batch", "timestep_vector", "repeated_call",
-           "batched_inputs", "check_batched", "batch_sizes", "Inputs", "Chunk", "BatchedGeneration"]
+           "batched_inputs", "check_batched", "batch_sizes", "map_batched",
+           "Inputs", "Chunk", "BatchedGeneration"]
 
 
 def steps_per_call(max_batch: int | None, batch: int, segment: Segment, ranks: int = 1) -> int:
@@ -72,6 +73,20 @@ def batch_sizes(call: FlatCall) -> set[int]:
 
 def _batched(x: torch.Tensor, sizes: set[int]) -> bool:
     return x.ndim > 0 and x.shape[0] in sizes
+
+
+def map_batched(forward: Callable, call: FlatCall,
+                fn: Callable[[torch.Tensor], torch.Tensor]) -> FlatCall:
+    """``call`` with ``fn`` applied to every per-sample leaf (first dim the batch, or batch x
+    frames for video), flattened anew so its key is the one a real call with them has."""
+    sizes, tensors = batch_sizes(call), iter(call.tensors)
+    leaves = []
+    for leaf in call.template:
+        if leaf is TENSOR:
+            x = next(tensors)
+            leaf = fn(x) if _batched(x, sizes) else x
+        leaves.append(leaf)
+    return flatten_call(forward, (), pytree.tree_unflatten(leaves, call.spec))
 
 
 def repeated_call(forward: Callable, call: FlatCall, times: int, timestep_index: int,

@@ -27,10 +27,15 @@ SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
 TEXT_DIM = 32
 
 
-def scheduler_params(names=SCHEDULERS, fast=("ddim",)) -> list:
-    """``names`` as pytest params; all but ``fast`` are marked slow: the inner loop
-    (``-m "not slow"``) covers each pipeline with DDIM, CI covers every scheduler."""
+def fast_params(names, fast) -> list:
+    """``names`` as pytest params, all but ``fast`` marked slow: the inner loop
+    (``-m "not slow"``) runs ``fast``, CI runs every one."""
     return [pytest.param(name, marks=() if name in fast else pytest.mark.slow) for name in names]
+
+
+def scheduler_params(names=SCHEDULERS, fast=("ddim",)) -> list:
+    """The inner loop covers each pipeline with DDIM, CI covers every scheduler."""
+    return fast_params(names, fast)
 
 
 def make_scheduler(name: str):
@@ -74,14 +79,16 @@ def sd_pipeline(cls=StableDiffusionPipeline, unet=None, **extra):
                requires_safety_checker=False, **extra)
 
 
-def controlnet_pipeline():
+def controlnet_pipeline(unet=None):
+    """``unet`` (default ``sd_unet()``) with a ControlNet: ``decoder_attn_unet()`` fits too and
+    captures in a third of the time, for tests where the UNet's attention does not matter."""
     torch.manual_seed(2)
     controlnet = ControlNetModel(in_channels=4, layers_per_block=1, block_out_channels=(16, 32),
                                  norm_num_groups=8, attention_head_dim=4,
                                  cross_attention_dim=TEXT_DIM,
                                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                  conditioning_embedding_out_channels=(8, 16)).eval()
-    return sd_pipeline(StableDiffusionControlNetPipeline, controlnet=controlnet)
+    return sd_pipeline(StableDiffusionControlNetPipeline, unet=unet, controlnet=controlnet)
 
 
 def sdxl_pipeline():

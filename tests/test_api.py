@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import fxprop
-from conftest import (assert_differs, controlnet_pipeline, ddpm_pipeline, sd_pipeline, sd_unet,
-                      text_embeds)
+from conftest import (assert_differs, controlnet_pipeline, ddpm_pipeline, decoder_attn_unet,
+                      sd_pipeline, sd_unet, text_embeds)
 
 CALL = dict(guidance_scale=5.0, height=16, width=16, num_inference_steps=8, output_type="latent")
 
@@ -21,16 +21,18 @@ def _run(pipe, seed=0, **extra):
 
 
 def test_bad_targets_and_options():
+    unet = sd_unet()  # each refusal leaves it as it was: one UNet serves them all
     with pytest.raises(TypeError, match="got str"):
         fxprop.accelerate("unet")
     with pytest.raises(ValueError, match="unknown reuse 'decoder'"):
-        fxprop.accelerate(sd_unet(), reuse="decoder")
+        fxprop.accelerate(unet, reuse="decoder")
     for bad in (-1, float("nan"), float("inf"), "0.1", True):
         with pytest.raises(ValueError, match=f"prior_noise must be a finite number >= 0, got "
                                              f"{re.escape(repr(bad))}"):
-            fxprop.accelerate(sd_unet(), prior_noise=bad)
+            fxprop.accelerate(unet, prior_noise=bad)
     with pytest.raises(ValueError, match="max_batch bounds"):
-        fxprop.accelerate(sd_unet(), max_batch=4)
+        fxprop.accelerate(unet, max_batch=4)
+    assert fxprop.intercept.intercepted(unet) is None
 
 
 def test_unknown_regions_name_what_was_looked_for():
@@ -109,7 +111,7 @@ def test_interrupted_generation_leaves_nothing_behind():
 
 
 def test_controlnet_runs_at_key_steps_only():
-    pipe = controlnet_pipeline()
+    pipe = controlnet_pipeline(decoder_attn_unet())
     calls = []
     pipe.controlnet.conv_in.register_forward_hook(lambda m, a, o: calls.append(1))  # real work
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -91,7 +91,7 @@ def test_pipeline_built_from_accelerated_components():
 
 
 def test_two_controlnet_pipelines_sharing_a_controlnet_in_any_order():
-    first = controlnet_pipeline()
+    first = controlnet_pipeline(decoder_attn_unet())  # the UNet's attention does not matter
     plain = StableDiffusionControlNetPipeline(**first.components)
     second = StableDiffusionControlNetPipeline(**first.components)
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -145,7 +145,7 @@ def test_sequential_cpu_offload_is_refused_naming_its_hooks():
 def test_controlnet_gate_stays_beneath_model_cpu_offload():
     """diffusers re-installs offload hooks after every call: the ControlNet's key-step gate
     must survive that (it sits beneath accelerate's hook, like the UNet's interception)."""
-    pipe = controlnet_pipeline()
+    pipe = controlnet_pipeline(decoder_attn_unet())
     calls = []
     pipe.controlnet.conv_in.register_forward_hook(lambda m, a, o: calls.append(1))
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))

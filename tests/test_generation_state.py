@@ -17,6 +17,13 @@ from test_workflows import Same, run
 KEYS = [0, 2, 3]
 
 
+@pytest.fixture(scope="module")
+def unet():
+    """One UNet for the tests that only run it (no LoRA, processor or parameter change): they
+    share its captured graphs, and each still builds its own pipeline and runtime."""
+    return decoder_attn_unet()
+
+
 def _in_lockstep(generate, seeds):
     """``generate(seed, callback)`` in one thread per seed, every step end a barrier: the
     threads' UNet calls interleave step by step."""
@@ -44,8 +51,8 @@ def _in_lockstep(generate, seeds):
 
 
 @pytest.mark.parametrize("parallel", [False, True])
-def test_two_threads_on_one_pipeline_equal_each_alone(parallel):
-    pipe = fxprop.accelerate(sd_pipeline(unet=decoder_attn_unet()), key_steps=KEYS,
+def test_two_threads_on_one_pipeline_equal_each_alone(unet, parallel):
+    pipe = fxprop.accelerate(sd_pipeline(unet=unet), key_steps=KEYS,
                              parallel=parallel)  # default prior noise: z_T is per call too
 
     def generate(seed, callback=None):
@@ -58,8 +65,8 @@ def test_two_threads_on_one_pipeline_equal_each_alone(parallel):
     assert_differs(alone[0], alone[1], 1e-3, "the two requests")
 
 
-def test_from_pipe_per_request():
-    pipe = fxprop.accelerate(sd_pipeline(unet=decoder_attn_unet()), key_steps=KEYS)
+def test_from_pipe_per_request(unet):
+    pipe = fxprop.accelerate(sd_pipeline(unet=unet), key_steps=KEYS)
     alone = run(pipe, 1)
     captures = fxprop.runtime_of(pipe).captures
     plain_copy = StableDiffusionPipeline.from_pipe(pipe)  # not accelerated: runs plainly
@@ -76,8 +83,8 @@ def test_from_pipe_per_request():
     assert fxprop.runtime_of(pipe).captures == captures  # requests reuse the UNet's graphs
 
 
-def test_two_threads_on_one_bare_runtime():
-    runtime = fxprop.accelerate(decoder_attn_unet(), key_steps=KEYS)
+def test_two_threads_on_one_bare_runtime(unet):
+    runtime = fxprop.accelerate(unet, key_steps=KEYS)
     inputs = {seed: loop_inputs(seed) for seed in (1, 2)}
     alone = {seed: run_loop(runtime, *inputs[seed]) for seed in inputs}
     barrier = threading.Barrier(2, timeout=120)
@@ -105,7 +112,7 @@ def _cfg_cutoff(step: int):
 def test_controlnet_with_cfg_cut_by_a_callback_recomputes_its_residuals():
     """Keys [0, 3], CFG dropped after step 1: step 2 (batch 1) leaves the plan and runs the
     whole UNet with fresh residuals; it equals keys [0, 2, 3, ...] where step 2 is a key step."""
-    pipe = controlnet_pipeline()
+    pipe = controlnet_pipeline(decoder_attn_unet())
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     kwargs = dict(image=image, callback_on_step_end=_cfg_cutoff(1),
                   callback_on_step_end_tensor_inputs=["prompt_embeds", "image"])
@@ -119,13 +126,13 @@ def test_controlnet_with_cfg_cut_by_a_callback_recomputes_its_residuals():
     assert_differs(candidate, run(plain, **kwargs), 1e-4, "reuse and plain")
 
 
-def test_parallel_mode_sees_in_place_edits_under_inference_mode():
+def test_parallel_mode_sees_in_place_edits_under_inference_mode(unet):
     def brighten(pipe, i, t, kwargs):
         if i == 0:
             kwargs["prompt_embeds"].add_(0.5)  # in place: no version counter to tell
         return {}
 
-    pipe = sd_pipeline(unet=decoder_attn_unet())
+    pipe = sd_pipeline(unet=unet)
     outs = {}
     for parallel in (False, True):
         fxprop.accelerate(pipe, key_steps=[0], prior_noise=0, parallel=parallel)

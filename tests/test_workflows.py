@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from diffusers import ModelMixin, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
@@ -119,6 +120,7 @@ class Doubled:
         return 2 * AttnProcessor()(attn, hidden_states, *args, **kwargs)
 
 
+@pytest.mark.slow  # ~24 s on 2 cores: two pipelines, six UNet states (a capture each)
 def test_processors_slicing_and_freeu_reach_every_pipeline_of_the_unet():
     """txt2img and img2img share one UNet: a change made through either reaches both."""
     pipe, plain = accelerated_and_plain()

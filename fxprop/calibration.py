@@ -27,10 +27,13 @@ FORMAT_VERSION = 2
 
 def model_id(unet: nn.Module) -> str:
     """A short hash of what a calibration depends on: the UNet's class and its config (or,
-    without one, its parameter names and shapes)."""
+    without one, its parameter names and shapes). The config's private entries
+    (``_name_or_path``, ``_diffusers_version`` ...) say where and how it was saved, not what
+    the model is: the same model loaded from another folder has the same id."""
     config = getattr(unet, "config", None)
     if config is not None:
-        described = json.dumps(dict(config), sort_keys=True, default=str)
+        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        described = json.dumps(public, sort_keys=True, default=str)
     else:
         described = json.dumps([(n, list(p.shape)) for n, p in unet.named_parameters()])
     digest = hashlib.sha256(f"{type(unet).__qualname__}:{described}".encode()).hexdigest()

@@ -115,7 +115,8 @@ def run_policies(per_digit: int, steps: int, seed: int) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], file: Any = sys.stdout) -> None:
+def print_table(rows: list[dict], file: Any = None) -> None:
+    file = sys.stdout if file is None else file   # the stream now, not at import
     print(f"{'policy':<28}{'time s':>8}{'speedup':>9}{'PSNR dB':>9}{'max err':>9}"
           f"{'accuracy':>10}", file=file)
     for r in rows:

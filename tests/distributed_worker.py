@@ -79,6 +79,9 @@ def main(out: str) -> None:
     if rank < 2:   # the references on the rank of the shorter share
         results["pair: sd-cfg, euler, forecast"] = sd.compare(
             pair, rank == 1, scheduler="euler", forecast=1)
+        for scheduler in ("heun", "dpm++"):   # Heun: two UNet calls a step, each a step here
+            results[f"pair: sd-cfg, {scheduler}"] = sd.compare(pair, rank == 0,
+                                                               scheduler=scheduler)
         results["pair: controlnet, cfg_parallel"] = Case("controlnet").compare(
             pair, rank == 0, cfg_parallel=True)
     else:

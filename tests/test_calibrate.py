@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -278,6 +279,16 @@ def test_a_calibration_of_another_model_is_refused(digits):
     other = _calibration(model="UNet2DConditionModel:0000000000000000", num_steps=STEPS)
     with pytest.raises(ValueError, match="calibration is for the model UNet2DConditionModel:0"):
         fxprop.accelerate(type(digits)(**digits.components), other)
+
+
+def test_the_model_id_is_what_the_model_is_not_where_it_was_loaded_from(digits, tmp_path):
+    from fxprop.calibration import model_id
+    from fxprop.demo import DIGITS_DIR, load_digits_pipeline
+
+    shutil.copytree(DIGITS_DIR, tmp_path / "copy")
+    assert model_id(load_digits_pipeline(tmp_path / "copy").unet) == model_id(digits.unet)
+    changed = type(digits.unet).from_config({**digits.unet.config, "norm_eps": 1e-3})
+    assert model_id(changed) != model_id(digits.unet)
 
 
 def test_a_generation_that_changes_signature_midway_is_refused(digits):

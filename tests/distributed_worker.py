@@ -79,9 +79,8 @@ def main(out: str) -> None:
     if rank < 2:   # the references on the rank of the shorter share
         results["pair: sd-cfg, euler, forecast"] = sd.compare(
             pair, rank == 1, scheduler="euler", forecast=1)
-        for scheduler in ("heun", "dpm++"):   # Heun: two UNet calls a step, each a step here
-            results[f"pair: sd-cfg, {scheduler}"] = sd.compare(pair, rank == 0,
-                                                               scheduler=scheduler)
+        # Heun: two UNet calls a scheduler step, each a step of the plan
+        results["pair: sd-cfg, heun"] = sd.compare(pair, rank == 0, scheduler="heun")
         results["pair: controlnet, cfg_parallel"] = Case("controlnet").compare(
             pair, rank == 0, cfg_parallel=True)
     else:
@@ -97,6 +96,7 @@ def main(out: str) -> None:
 
 
 def _rank(rank: int, out: str) -> None:
+    os.nice(5)   # four ranks on a shared machine: the test runner's other work goes first
     os.environ["RANK"] = str(rank)
     main(out)
 

@@ -121,7 +121,7 @@ def test_every_rank_gives_single_process_parallel_mode(ranks):
     groups = _groups(ranks)
     assert {name: len(g) for name, g in groups.items()} == {
         "world: cfg_parallel x 2 shares": 4, "pair: sd-cfg, euler, forecast": 2,
-        "pair: sd-cfg, heun": 2, "pair: sd-cfg, dpm++": 2, "pair: img2img": 2,
+        "pair: sd-cfg, heun": 2, "pair: img2img": 2,
         "pair: sdxl, max_batch": 2, "pair: controlnet, cfg_parallel": 2, "one: group of one": 4}
     for name, group in groups.items():
         alone = [ranks[r]["results"][name][1] for r in group]

@@ -31,16 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import fxprop  # noqa: E402
+from bench import flops  # noqa: E402
 from workloads import WORKLOADS, generation, pipeline, sd15_unet  # noqa: E402
 
 
-def flops(fn: Callable, *args: Any) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        fn(*args)
-    return counter.get_total_flops()
+def part_flops(fn: Callable, *args: Any) -> int:
+    """FLOPs of ``fn(*args)`` without autograd (bench.py's counter)."""
+    with torch.no_grad():
+        return flops(lambda: fn(*args))
 
 
 def timed(run: Callable[[], Any]) -> float:
@@ -107,8 +107,8 @@ def part_costs(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         frontier = list(parts.key(*key_args))
     step_args = [call.tensors[i] for i in parts.step_inputs] + frontier
-    return {"full": flops(parts.full, *call.tensors), "key": flops(parts.key, *key_args),
-            "step": flops(parts.step, *step_args), "frontier": frontier,
+    return {"full": part_flops(parts.full, *call.tensors),
+            "key": part_flops(parts.key, *key_args), "step": part_flops(parts.step, *step_args), "frontier": frontier,
             "key_args": key_args, "key_part": parts.key,
             "frontier_bytes": sum(f.numel() * f.element_size() for f in frontier),
             "prediction_bytes": call.tensors[0].numel() * call.tensors[0].element_size()}

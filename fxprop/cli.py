@@ -11,11 +11,12 @@ digits model (two calls of the ten digits) and saves the calibration as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 #: (row label, accelerate() options); None is the plain pipeline.
 POLICIES: list[tuple[str, dict | None]] = [
@@ -153,7 +154,6 @@ def demo(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="fxprop-demo.png", help="PNG grid to write")
     args = parser.parse_args(argv)
-    _setup()
     rows = run_policies(args.per_digit, args.steps, args.seed)
     print(f"digits model, {args.steps} DDIM steps, {10 * args.per_digit} samples per policy")
     print_table(rows)
@@ -185,7 +185,6 @@ def calibrate_command(argv: list[str]) -> int:
                         help="JSON file to write")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    _setup()
     from fxprop import calibrate
     from fxprop.demo import load_digits_pipeline
 
@@ -202,12 +201,22 @@ def calibrate_command(argv: list[str]) -> int:
     return 0
 
 
-def _setup() -> None:
+@contextlib.contextmanager
+def _process_settings() -> Iterator[None]:
+    """A command's process settings: offline hub, a thread per core this process may run on
+    (unless ``OMP_NUM_THREADS`` says how many). Restored afterwards, so that calling
+    :func:`main` in-process (tests, notebooks) leaves the caller's thread count as it was."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(min(cores or 1, 4))  # the cores this process may run on
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(cores or 1, 4))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 COMMANDS = {"demo": demo, "calibrate": calibrate_command}
@@ -221,4 +230,5 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]](argv[1:])
+    with _process_settings():
+        return COMMANDS[argv[0]](argv[1:])

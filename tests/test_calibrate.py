@@ -193,6 +193,7 @@ def _outputs(pipe, model, seed: int, add: tuple | None = None):
     return outs, final[0]
 
 
+@pytest.mark.slow  # the calibration fixture (~20 s)
 def test_calibration_meets_its_budget_and_describes_itself(digits, calibration):
     assert calibration.predicted_speedup >= 1.6
     assert calibration.key_steps[0] == 0 and len(calibration.key_steps) < STEPS
@@ -226,6 +227,7 @@ def test_measured_error_is_the_output_difference_as_it_reaches_the_final_sample(
     assert calibration.error_curve[j] == pytest.approx(expected, rel=2e-3)
 
 
+@pytest.mark.slow  # ~9 s: a calibration
 def test_bare_unet_is_calibrated_from_the_users_loop():
     unet, scheduler = decoder_attn_unet(), make_scheduler("ddim")
     text = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
@@ -257,6 +259,7 @@ def test_calibration_refuses_bad_input(digits):
         calibrate(digits, [_call(0)], STEPS, target_speedup=50.0, progress=False)
 
 
+@pytest.mark.slow  # the calibration fixture (~20 s)
 def test_accelerate_applies_a_calibration_and_refuses_other_steps(digits, calibration):
     pipe = type(digits)(**digits.components)
     pipe.set_progress_bar_config(disable=True)
@@ -306,6 +309,7 @@ def test_a_generation_that_changes_signature_midway_is_refused(digits):
                   progress=False)
 
 
+@pytest.mark.slow  # ~9 s: 50-step generations
 def test_the_shipped_calibration_loads_and_applies_to_the_demo_pipeline(digits):
     from fxprop.demo import DIGITS_CALIBRATION
 
@@ -323,23 +327,31 @@ def test_the_shipped_calibration_loads_and_applies_to_the_demo_pipeline(digits):
         pipe(labels=[3], num_inference_steps=STEPS)
 
 
+@pytest.mark.slow  # the calibration fixture (~20 s)
 def test_cli_calibrate_passes_its_options_and_writes_the_calibration(tmp_path, monkeypatch,
                                                                      capsys, calibration):
-    """`python -m fxprop calibrate` (the calibration itself stubbed: the fixture's)."""
+    """`python -m fxprop calibrate` (the calibration itself stubbed: the fixture's). The
+    command runs a thread per core unless OMP_NUM_THREADS says otherwise, and gives the
+    caller back its thread count."""
+    import os
+
     from fxprop import cli
 
     seen = []
 
     def fake(pipe, calls, steps, **options):
-        seen.append((len(calls), steps, options))
+        seen.append((len(calls), steps, options, torch.get_num_threads()))
         return calibration
     monkeypatch.setattr(fxprop, "calibrate", fake)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the suite's 1 thread
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     out = tmp_path / "c.json"
     assert cli.main(["calibrate", "--steps", "8", "--out", str(out), "--quiet"]) == 0
+    assert torch.get_num_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cli.main(["calibrate", "--max-error", "0.05", "--out", str(out)]) == 0
-    assert seen == [(2, 8, dict(target_speedup=2.0, max_error=None, progress=False)),
-                    (2, 50, dict(target_speedup=None, max_error=0.05, progress=True))]
+    cores = min(len(os.sched_getaffinity(0)), 4)
+    assert seen == [(2, 8, dict(target_speedup=2.0, max_error=None, progress=False), cores),
+                    (2, 50, dict(target_speedup=None, max_error=0.05, progress=True), 1)]
     assert Calibration.load(out) == calibration
     assert "Calibration for UNet2DConditionModel" in capsys.readouterr().out
 

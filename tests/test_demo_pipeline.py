@@ -93,6 +93,7 @@ def test_classifier_accuracy_on_heldout_digits():
     assert feats.ndim == 2 and frechet_distance(feats, feats) == pytest.approx(0, abs=1e-3)
 
 
+@pytest.mark.slow  # ~5 s of 50-step sampling
 def test_samples_are_mostly_recognised(pipe):
     labels = list(range(10)) * 2
     images = run(pipe, labels, num_inference_steps=20) * 2 - 1
@@ -109,6 +110,7 @@ def test_demo_command_runs_every_policy_and_writes_the_grid(tmp_path, capsys, mo
 
     monkeypatch.setattr(cli, "calibration_calls", lambda: [dict(  # one small call: faster
         labels=[3, 7], generator=torch.Generator().manual_seed(0), output_type="pt")])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the command keeps the suite's 1 thread
     out = tmp_path / "grid.png"
     assert cli.main(["demo", "--per-digit", "1", "--steps", "6", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

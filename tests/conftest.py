@@ -54,10 +54,10 @@ def sd_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
     return UNet2DConditionModel(**config).eval()
 
 
-def sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
-    return sd_unet(seed, addition_embed_type="text_time", addition_time_embed_dim=8,
-                   projection_class_embeddings_input_dim=8 * 6 + TEXT_DIM,
-                   transformer_layers_per_block=(1, 2))
+def sdxl_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
+    return sd_unet(seed, **{**dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                                   projection_class_embeddings_input_dim=8 * 6 + TEXT_DIM,
+                                   transformer_layers_per_block=(1, 2)), **overrides})
 
 
 def tiny_vae() -> AutoencoderKL:
@@ -91,9 +91,9 @@ def controlnet_pipeline(unet=None):
     return sd_pipeline(StableDiffusionControlNetPipeline, unet=unet, controlnet=controlnet)
 
 
-def sdxl_pipeline():
+def sdxl_pipeline(unet=None):
     return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=None, text_encoder_2=None,
-                                     tokenizer=None, tokenizer_2=None, unet=sdxl_unet(),
+                                     tokenizer=None, tokenizer_2=None, unet=unet or sdxl_unet(),
                                      scheduler=make_scheduler("ddim"))
 
 
@@ -112,12 +112,27 @@ def ddpm_pipeline():
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
 
 
+DECODER_ATTN = dict(down_block_types=("DownBlock2D", "DownBlock2D"),
+                    mid_block_type="UNetMidBlock2D",
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
 def decoder_attn_unet(seed: int = 0) -> UNet2DConditionModel:
     """The tiny UNet with cross-attention in its decoder only: a third of ``sd_unet``'s capture
     time, and the every-step part still reads the conditioning."""
-    return sd_unet(seed, down_block_types=("DownBlock2D", "DownBlock2D"),
-                   mid_block_type="UNetMidBlock2D",
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return sd_unet(seed, **DECODER_ATTN)
+
+
+@pytest.fixture(autouse=True)
+def _threads_unchanged():
+    """Fail a test that leaves torch's thread count changed: the rest of its worker would run
+    at that count, and two workers at two threads each oversubscribe 2 cores (a 7x slowdown of
+    every later test was measured)."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    torch.set_num_threads(before)
+    assert after == before, f"the test left torch at {after} threads (was {before})"
 
 
 @pytest.fixture

@@ -90,6 +90,7 @@ def test_pipeline_built_from_accelerated_components():
     assert fxprop.intercept.intercepted(pipe.unet) is None  # the last runtime released it
 
 
+@pytest.mark.slow  # ~6 s
 def test_two_controlnet_pipelines_sharing_a_controlnet_in_any_order():
     first = controlnet_pipeline(decoder_attn_unet())  # the UNet's attention does not matter
     plain = StableDiffusionControlNetPipeline(**first.components)

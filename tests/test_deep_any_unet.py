@@ -95,8 +95,9 @@ def test_ldm_random_weights_matter(kind):
 
 
 @pytest.mark.parametrize("keys", [[0, 2], [0]])
-@pytest.mark.parametrize("kind,branch", [("sd1", 0), ("sd1", 2), ("sd1", 5), ("sdxl", 0),
-                                         ("sdxl", 4), ("sdxl", 8)])
+@pytest.mark.parametrize("kind,branch", [  # the SDXL-shaped LDM (~11 s to capture): CI only
+    ("sd1", 0), ("sd1", 2), ("sd1", 5),
+    *[pytest.param("sdxl", b, marks=pytest.mark.slow) for b in (0, 4, 8)]])
 def test_ldm_equals_the_hook_oracle(kind, branch, keys):
     model = MODELS[LDM[kind]]
     unet = unet_of(model)
@@ -155,7 +156,8 @@ def _diffusers(kind: str):
     return unet, (torch.randn(2, 4, 8, 8, generator=g), 10), kwargs
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd3", "sdxl", "unet2d"])
+@pytest.mark.parametrize("kind", ["sd1", pytest.param("sd3", marks=pytest.mark.slow), "sdxl",
+                                  "unet2d"])
 def test_structural_branches_have_deepcache_ids_on_diffusers(kind):
     unet, args, kwargs = _diffusers(kind)
     resnets = [len(b.resnets) for b in unet.up_blocks]
@@ -202,6 +204,7 @@ def test_regions_reach_the_lowest_resolution_merges():
     assert "final_res_block" in found["regions="][0].layer
 
 
+@pytest.mark.slow  # ~7 s: a capture of its own
 def test_score_sde_skip_blocks_have_no_shallow_branch():
     model = MODELS["UNet2DModel (score-SDE skip blocks, Fourier time)"]
     with pytest.raises(ValueError, match=r"finds no shallow branch for branch=0 \(up_blocks\.1"

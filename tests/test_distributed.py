@@ -70,6 +70,7 @@ def test_group_is_refused_where_it_does_not_belong(world_of_one):
         fxprop.accelerate(unet, parallel=True, group="WORLD")
 
 
+@pytest.mark.slow  # ~9 s; the misuse errors stay in the inner loop
 def test_a_group_of_one_is_no_group(world_of_one):
     unet = decoder_attn_unet()
     latents, kwargs = loop_inputs(batch=2)

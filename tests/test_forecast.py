@@ -286,8 +286,9 @@ def test_every_step_a_key_step_equals_plain_for_any_order(unet, runtimes, cut):
 
 # -- everywhere reuse works: pipelines, 2nd-order schedulers, ControlNet, compile, export -------
 
-@pytest.mark.parametrize("case, scheduler, reuse", [("sd-cfg", "heun", "deep"),
-                                                    ("controlnet", "ddim", "encoder")])
+@pytest.mark.parametrize("case, scheduler, reuse", [
+    ("sd-cfg", "heun", "deep"),
+    pytest.param("controlnet", "ddim", "encoder", marks=pytest.mark.slow)])  # ~12 s
 def test_pipelines_with_forecast(case, scheduler, reuse):
     """Every key step equals plain for order 2; sparse key steps follow the plan (a fallback
     warning fails this suite), with the pipeline's signal levels (Heun: two calls per step)
@@ -321,6 +322,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # ~8 s of inductor; compile is in test_compile
 def test_compiled_forecast_has_no_graph_break_and_no_recompile(fresh_dynamo):
     """The weights are plan data applied between the parts, so every step runs one of the
     same two compiled graphs (full, step) whatever its weights."""
@@ -335,6 +337,7 @@ def test_compiled_forecast_has_no_graph_break_and_no_recompile(fresh_dynamo):
     assert fresh_dynamo["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.slow  # ~9 s; export is in test_export
 def test_export_follows_the_same_forecast(unet, runtimes, tmp_path):
     acc = _with(runtimes[0], forecast=2)
     latents, context = _inputs()

@@ -109,6 +109,7 @@ def _cfg_cutoff(step: int):
     return callback
 
 
+@pytest.mark.slow  # ~7 s; ControlNet per step is in test_api
 def test_controlnet_with_cfg_cut_by_a_callback_recomputes_its_residuals():
     """Keys [0, 3], CFG dropped after step 1: step 2 (batch 1) leaves the plan and runs the
     whole UNet with fresh residuals; it equals keys [0, 2, 3, ...] where step 2 is a key step."""
@@ -159,6 +160,7 @@ def test_pag_captures_once_per_processor_state():
 
 # -- nothing held after a generation ------------------------------------------------------------
 
+@pytest.mark.slow  # ~20 s: every policy's generation, a heap scan after each
 def test_nothing_is_held_after_a_generation():
     pipe = fxprop.accelerate(sd_pipeline(unet=decoder_attn_unet()), key_steps=[0, 3])
     big = dict(height=64, width=64)

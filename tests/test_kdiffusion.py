@@ -203,6 +203,7 @@ def test_sparse_key_steps_follow_the_grid_and_differ_from_plain(runtime, plain, 
     assert_differs(out, plain_output(plain, name), 1e-4)
 
 
+@pytest.mark.slow  # ~6 s: an LDM capture
 def test_an_ldm_unet_behind_compvis_follows_the_grid():
     """A1111's layout: CompVisDenoiser -> apply_model -> LDM UNetModel (accelerated)."""
     unet = ldm_unet()

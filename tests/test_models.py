@@ -374,6 +374,7 @@ def run_video(pipe) -> torch.Tensor:
                 generator=torch.Generator().manual_seed(0)).frames
 
 
+@pytest.mark.slow  # ~9 s; the video UNets' splits stay
 def test_text_to_video_pipeline():
     plain = video_pipeline()
     reference = run_video(plain)

@@ -123,6 +123,7 @@ def test_parallel_equals_sequential_in_pipelines(pipe, scheduler):
     torch.testing.assert_close(candidate, reference, rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow  # ~6 s; the SD pipeline stays
 def test_parallel_equals_sequential_in_ddpm_pipeline():
     pipe = ddpm_pipeline()  # has no callback_on_step_end: no prior noise injection
     fxprop.accelerate(pipe, key_steps=KEY_STEPS, prior_noise=0, parallel=True)

@@ -56,6 +56,7 @@ class Same:
 
 # -- LoRA, IP-Adapter, processors, FreeU: the UNet stays a diffusers model ---------------------
 
+@pytest.mark.slow  # ~20 s: five LoRA states, a capture each
 def test_lora_methods_of_the_pipeline_reach_the_next_generation(lora_dir):
     pipe, plain = accelerated_and_plain()
     assert isinstance(pipe.unet, ModelMixin) and pipe.unet is plain.unet

@@ -160,7 +160,7 @@ def test_pag_captures_once_per_processor_state():
 
 # -- nothing held after a generation ------------------------------------------------------------
 
-@pytest.mark.slow  # ~20 s: every policy's generation, a heap scan after each
+@pytest.mark.slow  # ~20 s: captures at 64x64 and five scans of the whole heap
 def test_nothing_is_held_after_a_generation():
     pipe = fxprop.accelerate(sd_pipeline(unet=decoder_attn_unet()), key_steps=[0, 3])
     big = dict(height=64, width=64)

@@ -280,7 +280,10 @@ def unet_of(model: Model) -> nn.Module:
     return _UNETS[model.build]
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", fast_params(MODELS, (  # inner loop: one of each layout family
+    "SD-1.5 (UNet2DConditionModel)", "LDM UNetModel (input_blocks/output_blocks)",
+    "UNet2DModel (DDPM, AttnDownBlock2D)", "user-written, structural fallback",
+    "user-written, regions=")))
 def test_split_composes_and_every_step_key_equals_plain(name):
     model = MODELS[name]
     assert check_model(model, unet_of(model)).split_error <= 1e-5
@@ -288,7 +291,8 @@ def test_split_composes_and_every_step_key_equals_plain(name):
 
 @pytest.mark.parametrize("name", ["LDM UNetModel (input_blocks/output_blocks)",
                                   "user-written, structural fallback",
-                                  "UNetSpatioTemporalConditionModel (SVD)"])
+                                  pytest.param("UNetSpatioTemporalConditionModel (SVD)",
+                                               marks=pytest.mark.slow)])
 def test_non_key_steps_never_read_the_latent(name):
     model, keys = MODELS[name], [0, 2]
     unet = unet_of(model)

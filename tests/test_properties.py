@@ -19,7 +19,7 @@ from fxprop.split import check_split, split
 from fxprop.capture import flatten_call
 from test_models import TIMESTEPS, Model, check_model
 
-SETTINGS = settings(max_examples=8, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=6, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 CONTEXT = 16
 

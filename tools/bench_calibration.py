@@ -80,30 +80,40 @@ def _ideal(measured, reuse, branch, keys) -> float:
     return n / (len(keys) + (n - len(keys)) * cut.step_cost)
 
 
+def calibrated_policy(measured, speed: float, steps: int, scheduler) -> tuple[dict, tuple]:
+    """(accelerate options, spec) of the schedule calibrated at FLOP-ideal ``speed`` (printed)."""
+    calibration = measured.calibration(target_speedup=speed)
+    print(calibration)
+    return calibration.accelerate_options(steps, scheduler), (
+        calibration.reuse, calibration.branch, calibration.forecast, calibration.key_steps)
+
+
 def calibrated(measured, steps: int, scheduler) -> dict:
     """Name -> (accelerate options, spec) of the calibrated schedule of every target."""
     out = {}
     for target in TARGETS:
         start = time.perf_counter()
-        calibration = measured.calibration(target_speedup=target)
+        out[f"calibrated {target}x"] = calibrated_policy(measured, target, steps, scheduler)
         print(f"choosing (with verification) at {target}x took "
               f"{time.perf_counter() - start:.1f} s")
-        print(calibration)
-        out[f"calibrated {target}x"] = (calibration.accelerate_options(steps, scheduler), (
-            calibration.reuse, calibration.branch, calibration.forecast, calibration.key_steps))
     return out
 
 
+def policy_row(base, measured, name: str, options: dict, spec: tuple) -> tuple[Row, tuple]:
+    """The policy's accelerated pipeline, and (FLOP-ideal speedup, predicted error propagated
+    to the final sample, output error alone)."""
+    fxprop.accelerate(pipe := _pipe(base), **options)
+    predicted = [measured.predict(*spec, propagated=p) for p in (True, False)]
+    return Row(name, pipe), (_ideal(measured, spec[0], spec[1], spec[3]),
+                             *[None if p is None else p[1] for p in predicted])
+
+
 def rows_of(base, measured, policies: dict) -> tuple[list[Row], dict]:
-    """A pipeline per policy, and name -> (FLOP-ideal speedup, predicted error propagated to
-    the final sample, output error alone)."""
+    """A pipeline per policy, and name -> :func:`policy_row`'s figures."""
     rows, info = [Row("plain", _pipe(base))], {}
     for name, (options, spec) in policies.items():
-        fxprop.accelerate(pipe := _pipe(base), **options)
-        predicted = [measured.predict(*spec, propagated=p) for p in (True, False)]
-        info[name] = (_ideal(measured, spec[0], spec[1], spec[3]),
-                      *[None if p is None else p[1] for p in predicted])
-        rows.append(Row(name, pipe))
+        row, info[name] = policy_row(base, measured, name, options, spec)
+        rows.append(row)
     return rows, info
 
 
@@ -174,20 +184,15 @@ def matched_rows(base, measured, rows: list[Row], info: dict, steps: int) -> lis
     out = []
     for target in TARGETS:
         best = _best_near(rows, info, target)
-        mine = info[f"calibrated {target}x"][0]
-        if best is None or abs(info[best.name][0] - mine) < 1e-6:
+        if best is None:
             continue
-        speed = info[best.name][0] * (1 - 1e-9)
-        calibration = measured.calibration(target_speedup=speed)
         name = f"calibrated at {best.name}"
-        fxprop.accelerate(pipe := _pipe(base),
-                          **calibration.accelerate_options(steps, base.scheduler))
-        spec = (calibration.reuse, calibration.branch, calibration.forecast,
-                calibration.key_steps)
-        info[name] = (_ideal(measured, spec[0], spec[1], spec[3]),
-                      *[None if p is None else p[1] for p in
-                        (measured.predict(*spec, propagated=q) for q in (True, False))])
-        out.append(Row(name, pipe))
+        if abs(info[best.name][0] - info[f"calibrated {target}x"][0]) < 1e-6 or name in info:
+            continue   # already at its speed, or matched for another target
+        options, spec = calibrated_policy(measured, info[best.name][0] * (1 - 1e-9), steps,
+                                          base.scheduler)
+        row, info[name] = policy_row(base, measured, name, options, spec)
+        out.append(row)
     return out
 
 

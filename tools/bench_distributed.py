@@ -108,7 +108,8 @@ def part_costs(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
         frontier = list(parts.key(*key_args))
     step_args = [call.tensors[i] for i in parts.step_inputs] + frontier
     return {"full": part_flops(parts.full, *call.tensors),
-            "key": part_flops(parts.key, *key_args), "step": part_flops(parts.step, *step_args), "frontier": frontier,
+            "key": part_flops(parts.key, *key_args),
+            "step": part_flops(parts.step, *step_args), "frontier": frontier,
             "key_args": key_args, "key_part": parts.key,
             "frontier_bytes": sum(f.numel() * f.element_size() for f in frontier),
             "prediction_bytes": call.tensors[0].numel() * call.tensors[0].element_size()}

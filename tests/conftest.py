@@ -123,6 +123,42 @@ def decoder_attn_unet(seed: int = 0) -> UNet2DConditionModel:
     return sd_unet(seed, **DECODER_ATTN)
 
 
+def one_level_unet() -> UNet2DConditionModel:
+    """The tiny UNet at one resolution, cross-attention in its decoder (the every-step part
+    still reads the conditioning): the fewest kernels, for tests that build C++ (inductor)."""
+    return sd_unet(down_block_types=("DownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                   block_out_channels=(16,), mid_block_type="UNetMidBlock2D")
+
+
+#: Inductor without vectorised kernels: its C++ builds take a fraction of the time (tests of
+#: what fxprop compiles, not of inductor's codegen).
+SCALAR_KERNELS = {"cpp.vec_isa_ok": False}
+
+
+#: Test files by their cost in one worker, heaviest first, as measured (seconds, full suite,
+#: 2 workers): distributed 123 (4 ranks), models 161, export 116, workflows 82, deep_any 70,
+#: pipelines 66, parallel 65, generation_state 62. A scheduling hint, nothing depends on it:
+#: ``--dist loadfile`` hands files out in this order, so the long ones start first instead of
+#: leaving one worker running alone at the end (the others follow in collection order).
+HEAVIEST_FIRST = ["test_distributed.py", "test_models.py", "test_export.py", "test_workflows.py",
+                  "test_deep_any_unet.py", "test_pipelines.py", "test_parallel.py",
+                  "test_generation_state.py"]
+
+
+def pytest_configure(config):
+    # xdist otherwise orders the files by their number of tests, which puts the few long
+    # tests (the distributed ranks, AOTInductor) last
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return HEAVIEST_FIRST.index(name) if name in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
+    items.sort(key=rank)  # stable: tests keep their order within a file
+
+
 @pytest.fixture(autouse=True)
 def _threads_unchanged():
     """Fail a test that leaves torch's thread count changed: the rest of its worker would run

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import fxprop
-from conftest import (DECODER_ATTN, LOOP_TIMESTEPS, decoder_attn_unet, loop_inputs, run_loop,
-                      sd_unet, sdxl_unet)
+from conftest import (DECODER_ATTN, LOOP_TIMESTEPS, SCALAR_KERNELS, decoder_attn_unet,
+                      loop_inputs, one_level_unet, run_loop, sdxl_unet)
 
 TOLERANCE = 1e-4
 KEYS = [0, 2, 3]
@@ -125,11 +125,8 @@ def test_aotinductor_packages_reproduce_eager_fxprop(tmp_path):
     """AOTInductor compiles both parts to a shared library. Its cost is inductor's codegen and
     the C++ build of every kernel, so this uses a one-level UNet (cross-attention in its
     decoder: the every-step part still reads the conditioning) and scalar kernels."""
-    acc = fxprop.accelerate(sd_unet(down_block_types=("DownBlock2D",),
-                                    up_block_types=("CrossAttnUpBlock2D",),
-                                    block_out_channels=(16,), mid_block_type="UNetMidBlock2D"),
-                            key_steps=KEYS)
-    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+    acc = fxprop.accelerate(one_level_unet(), key_steps=KEYS)
+    with torch._inductor.config.patch(SCALAR_KERNELS):
         loaded = fxprop.load(_export(acc, tmp_path, aoti=True))
     assert type(loaded.full_part).__name__ == "AOTICompiledModel"
     _assert_reproduces(loaded, acc, seed=0)

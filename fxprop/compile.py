@@ -90,6 +90,4 @@ def compile_parts(parts: Parts, options: CompileOptions | None) -> Parts:
     """The same parts, each wrapped by ``torch.compile`` (compiled lazily at first call)."""
     if options is None:
         return parts
-    return dataclasses.replace(parts, full=_compile(parts.full, options),
-                               key=_compile(parts.key, options),
-                               step=_compile(parts.step, options))
+    return parts.map(lambda part: _compile(part, options))

@@ -14,7 +14,8 @@ outputs from some inputs and fails, naming the node, if a value outside those in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx
@@ -25,8 +26,9 @@ from .graph import needed, output_nodes, placeholders
 __all__ = ["Parts", "extract", "split", "check_split"]
 
 
-def extract(graph: fx.Graph, inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.Graph:
-    """A new graph with ``inputs`` as placeholders that computes ``outputs`` as a tuple."""
+def _kept(inputs: list[fx.Node], outputs: list[fx.Node]) -> set[fx.Node]:
+    """The nodes computing ``outputs`` from ``inputs``; raises ``ValueError`` if they read a
+    placeholder that is not one of ``inputs``."""
     stop = set(inputs)
     keep = needed(outputs, stop)
     leaked = [n for n in keep if n.op == "placeholder" and n not in stop]
@@ -35,10 +37,16 @@ def extract(graph: fx.Graph, inputs: list[fx.Node], outputs: list[fx.Node]) -> f
             f"the part computing {[o.name for o in outputs][:4]} also reads the inputs "
             f"{[n.name for n in leaked]}, which it was not given"
         )
+    return keep
+
+
+def _copy(graph: fx.Graph, inputs: list[fx.Node], outputs: list[fx.Node],
+          keep: set[fx.Node]) -> fx.Graph:
     new, env = fx.Graph(), {}
     for node in inputs:
         env[node] = new.placeholder(node.name)
         env[node].meta = dict(node.meta)
+    stop = set(inputs)
     for node in graph.nodes:
         if node in keep and node not in stop:
             env[node] = new.node_copy(node, lambda a: env[a])
@@ -47,16 +55,41 @@ def extract(graph: fx.Graph, inputs: list[fx.Node], outputs: list[fx.Node]) -> f
     return new
 
 
-@dataclass
-class Parts:
-    """The three parts of one cut, and which call inputs each reads (by index)."""
+def extract(graph: fx.Graph, inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.Graph:
+    """A new graph with ``inputs`` as placeholders that computes ``outputs`` as a tuple."""
+    return _copy(graph, inputs, outputs, _kept(inputs, outputs))
 
-    full: fx.GraphModule
-    key: fx.GraphModule
-    step: fx.GraphModule
-    key_inputs: list[int]
-    step_inputs: list[int]
-    num_outputs: int
+
+class Parts:
+    """The three parts of one cut, and which call inputs each reads (by index).
+
+    Each part is built (graph copied, GraphModule generated: a tenth of a second on a small
+    UNet) when first read: sequential mode never runs ``key``, and calibration splits one
+    capture at every candidate cut but runs only the step parts. Whether each part can be
+    built is checked by :func:`split`, up front.
+    """
+
+    def __init__(self, build: Callable[[str], Any], key_inputs: list[int],
+                 step_inputs: list[int], num_outputs: int) -> None:
+        self._build, self._built = build, {}
+        self.key_inputs, self.step_inputs, self.num_outputs = key_inputs, step_inputs, num_outputs
+
+    def _part(self, name: str) -> Any:
+        if name not in self._built:
+            self._built.setdefault(name, self._build(name))  # two threads: one part kept
+        return self._built[name]
+
+    full = property(lambda self: self._part("full"),
+                    doc="all inputs -> (*outputs, *frontier): a key step")
+    key = property(lambda self: self._part("key"),
+                   doc="key inputs -> frontier (parallel mode)")
+    step = property(lambda self: self._part("step"),
+                    doc="(*step inputs, *frontier) -> outputs: the other steps")
+
+    def map(self, wrap: Callable[[Any], Any]) -> Parts:
+        """The same parts, each ``wrap(part)`` (built when first read, as here)."""
+        return Parts(lambda name: wrap(self._part(name)), self.key_inputs, self.step_inputs,
+                     self.num_outputs)
 
 
 def split(captured: Captured, frontier: list[fx.Node]) -> Parts:
@@ -68,16 +101,16 @@ def split(captured: Captured, frontier: list[fx.Node]) -> Parts:
     step_reads = needed(outputs, set(frontier) | set(inputs))
     key_inputs = [i for i, p in enumerate(inputs) if p in key_reads]
     step_inputs = [i for i, p in enumerate(inputs) if p in step_reads]
-    # 2. Build each part with the same pass; frontier nodes become the step part's inputs.
-    root = captured.module
+    # 2. Each part's inputs and outputs; frontier nodes become the step part's inputs. What
+    # each computes is checked now; its graph and module are made when first used.
+    ends = {"full": (inputs, outputs + frontier),
+            "key": ([inputs[i] for i in key_inputs], frontier),
+            "step": ([inputs[i] for i in step_inputs] + frontier, outputs)}
+    kept = {name: _kept(*io) for name, io in ends.items()}
 
-    def module(g: fx.Graph) -> fx.GraphModule:
-        return fx.GraphModule(root, g)
-
-    full = module(extract(graph, inputs, outputs + frontier))
-    key = module(extract(graph, [inputs[i] for i in key_inputs], frontier))
-    step = module(extract(graph, [inputs[i] for i in step_inputs] + frontier, outputs))
-    return Parts(full, key, step, key_inputs, step_inputs, len(outputs))
+    def build(name: str) -> fx.GraphModule:
+        return fx.GraphModule(captured.module, _copy(graph, *ends[name], kept[name]))
+    return Parts(build, key_inputs, step_inputs, len(outputs))
 
 
 @torch.no_grad()

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import fx, nn
 
-from fxprop.capture import capture, flatten_call
+from fxprop.capture import Captured, capture, flatten_call
 from fxprop.graph import (ancestors, descendants, frontier_of, needed, output_nodes,
                           placeholders, positions)
+from fxprop.split import extract, split
 
 
 def unet_like() -> tuple[fx.Graph, dict[str, fx.Node]]:
@@ -90,6 +91,39 @@ def test_frontier_of_a_tensor_crossing_two_cuts():
     assert frontier_of(g, deep | {n["m1"]}) == [n["a"], n["c"], n["m1"]]
     assert frontier_of(g, set(g.nodes)) == []
     assert frontier_of(g, set()) == []
+
+
+# -- split: parts checked up front, built when first read ----------------------------------------
+
+def _captured(graph: fx.Graph) -> Captured:
+    return Captured(fx.GraphModule(nn.Module(), graph), None)
+
+
+def test_split_builds_each_part_once_when_first_read_and_they_compose():
+    g, n = unet_like()
+    parts = split(_captured(g), [n["a"], n["c"]])
+    assert (parts.key_inputs, parts.step_inputs, parts.num_outputs) == ([0], [1], 2)
+    assert parts._built == {}  # nothing built yet
+    step = parts.step
+    assert parts.step is step and set(parts._built) == {"step"}
+    assert names(placeholders(step.graph)) == {"t", "relu", "sigmoid"}
+    x, t = torch.randn(3), torch.randn(3)
+    frontier = parts.key(x)
+    torch.testing.assert_close(step(t, *frontier), parts.full(x, t)[:2])
+    wrapped = parts.map(lambda part: ("wrapped", part))
+    assert wrapped.full == ("wrapped", parts.full) and wrapped.step_inputs == [1]
+
+
+def test_a_frontier_without_the_skip_leaves_the_latent_to_the_step_part():
+    g, n = unet_like()
+    parts = split(_captured(g), [n["c"]])   # the skip a is not kept: m1 reads it from x
+    assert parts.step_inputs == [0, 1]
+
+
+def test_extract_refuses_a_part_that_reads_an_input_it_is_not_given():
+    g, n = unet_like()
+    with pytest.raises(ValueError, match=r"also reads the inputs \['x'\]"):
+        extract(g, [n["t"]], [n["o"]])
 
 
 # -- capture keeps the type of what export raises ----------------------------------------------

@@ -22,7 +22,6 @@ from typing import Any, Iterator
 POLICIES: list[tuple[str, dict | None]] = [
     ("plain", None),
     ("encoder faster-diffusion", dict(key_steps="faster-diffusion", prior_noise=0)),
-    ("encoder fd + prior noise", dict(key_steps="faster-diffusion")),
     ("encoder fd parallel", dict(key_steps="faster-diffusion", prior_noise=0, parallel=True,
                                  max_batch=240)),  # CPU: large batches lose the cache
     ("deep N=3 branch 0", dict(reuse="deep", key_steps=3, branch=0)),
@@ -149,7 +148,8 @@ def pareto_path(grid: str) -> str:
 
 def demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fxprop demo", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--per-digit", type=int, default=4, help="samples of each digit")
+    parser.add_argument("--per-digit", type=int, default=3,
+                        help="samples of each digit (rounds of the ten digits)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="fxprop-demo.png", help="PNG grid to write")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import fxprop
 from conftest import decoder_attn_unet, make_scheduler, sample_of
-from fxprop.calibrate import calibrate, states
+from fxprop.calibrate import calibrate, other_noise, states
 from fxprop.measure import output_errors
 from fxprop.calibration import Calibration
 from fxprop.optimise import check_budget, choose, options, pareto, schedule_error
@@ -167,6 +167,19 @@ def digits():
 def calibration(digits):
     return calibrate(digits, [_call(0)], STEPS, target_speedup=1.6, orders=(0, 1),
                      max_interval=3, progress=False)
+
+
+def test_verification_calls_are_the_calls_onother_noise():
+    call = dict(labels=LABELS, generator=[torch.Generator().manual_seed(5)], guidance_scale=2.0)
+    other = other_noise(call)
+    assert other is not call and other["labels"] == LABELS and other["guidance_scale"] == 2.0
+    seeds = [g.initial_seed() for g in (call["generator"][0], other["generator"][0])]
+    assert seeds[0] == 5 and seeds[1] not in (5, 6)   # not the next call's usual seed either
+    assert other_noise(call)["generator"][0].initial_seed() == seeds[1]  # deterministic
+    assert call["generator"][0].initial_seed() == 5 and torch.Generator().manual_seed(5).get_state(
+        ).equal(call["generator"][0].get_state())  # the user's generator is not advanced
+    loop = lambda unet: None  # noqa: E731  (a bare UNet's loop seeds its own noise)
+    assert other_noise(loop) is loop
 
 
 def _outputs(pipe, model, seed: int, add: tuple | None = None):

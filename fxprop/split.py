@@ -8,8 +8,9 @@ GraphModules that share the UNet's parameters:
 * ``key(*key_inputs) -> frontier``: only what the frontier needs (parallel mode);
 * ``step(*step_inputs, *frontier) -> outputs``: what runs at the other steps.
 
-Each part is made by one pass, :func:`extract`, which copies the nodes needed to compute some
-outputs from some inputs and fails, naming the node, if a value outside those inputs is read.
+Each part is made as :func:`extract` makes a graph: the nodes needed to compute some outputs
+from some inputs, which fails, naming the node, if a value outside those inputs is read. That
+check runs in :func:`split`; the copy and its GraphModule are made when the part is first read.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def calibration(digits):
                      max_interval=3, progress=False)
 
 
-def test_verification_calls_are_the_calls_onother_noise():
+def test_verification_calls_are_the_calls_on_other_noise():
     call = dict(labels=LABELS, generator=[torch.Generator().manual_seed(5)], guidance_scale=2.0)
     other = other_noise(call)
     assert other is not call and other["labels"] == LABELS and other["guidance_scale"] == 2.0

@@ -11,7 +11,7 @@ from torch import fx, nn
 from fxprop.capture import Captured, capture, flatten_call
 from fxprop.graph import (ancestors, descendants, frontier_of, needed, output_nodes,
                           placeholders, positions)
-from fxprop.split import extract, split
+from fxprop.split import Parts, extract, split
 
 
 def unet_like() -> tuple[fx.Graph, dict[str, fx.Node]]:
@@ -99,19 +99,24 @@ def _captured(graph: fx.Graph) -> Captured:
     return Captured(fx.GraphModule(nn.Module(), graph), None)
 
 
-def test_split_builds_each_part_once_when_first_read_and_they_compose():
+def test_parts_are_built_once_each_when_first_read():
+    built = []
+    parts = Parts(lambda name: built.append(name) or name.upper(), [0], [1], 2)
+    assert built == []
+    assert parts.step == "STEP" and parts.step == "STEP" and built == ["step"]
+    wrapped = parts.map(lambda part: ("wrapped", part))
+    assert built == ["step"] and (wrapped.key_inputs, wrapped.step_inputs) == ([0], [1])
+    assert wrapped.full == ("wrapped", "FULL") and built == ["step", "full"]
+
+
+def test_split_parts_read_what_they_need_and_compose():
     g, n = unet_like()
     parts = split(_captured(g), [n["a"], n["c"]])
     assert (parts.key_inputs, parts.step_inputs, parts.num_outputs) == ([0], [1], 2)
-    assert parts._built == {}  # nothing built yet
-    step = parts.step
-    assert parts.step is step and set(parts._built) == {"step"}
-    assert names(placeholders(step.graph)) == {"t", "relu", "sigmoid"}
+    assert names(placeholders(parts.step.graph)) == {"t", "relu", "sigmoid"}
     x, t = torch.randn(3), torch.randn(3)
     frontier = parts.key(x)
-    torch.testing.assert_close(step(t, *frontier), parts.full(x, t)[:2])
-    wrapped = parts.map(lambda part: ("wrapped", part))
-    assert wrapped.full == ("wrapped", parts.full) and wrapped.step_inputs == [1]
+    torch.testing.assert_close(parts.step(t, *frontier), parts.full(x, t)[:2])
 
 
 def test_a_frontier_without_the_skip_leaves_the_latent_to_the_step_part():

@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fxprop
-from conftest import SCALAR_KERNELS, decoder_attn_unet, loop_inputs, one_level_unet, run_loop
+from conftest import QUICK_BUILD, decoder_attn_unet, loop_inputs, one_level_unet, run_loop
 
 KEYS = [0, 2, 3]            # LOOP_TIMESTEPS' segments [0 1] [2] [3 4 5]: chunks of 2, 1 and 3
 TOLERANCE = 1e-4
@@ -65,7 +65,7 @@ def test_inductor_generation_equals_eager():
     unet = one_level_unet()
     eager = fxprop.accelerate(unet, key_steps=[0, 3])
     compiled = fxprop.accelerate(unet, key_steps=[0, 3], compile=True)
-    with torch._inductor.config.patch(SCALAR_KERNELS):
+    with torch._inductor.config.patch(QUICK_BUILD):
         candidate = _loop(compiled)
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(candidate, _loop(eager), rtol=0, atol=TOLERANCE)

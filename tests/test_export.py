@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fxprop
-from conftest import (DECODER_ATTN, LOOP_TIMESTEPS, SCALAR_KERNELS, decoder_attn_unet,
+from conftest import (DECODER_ATTN, LOOP_TIMESTEPS, QUICK_BUILD, decoder_attn_unet,
                       loop_inputs, one_level_unet, run_loop, sdxl_unet)
 
 TOLERANCE = 1e-4
@@ -126,7 +126,7 @@ def test_aotinductor_packages_reproduce_eager_fxprop(tmp_path):
     the C++ build of every kernel, so this uses a one-level UNet (cross-attention in its
     decoder: the every-step part still reads the conditioning) and scalar kernels."""
     acc = fxprop.accelerate(one_level_unet(), key_steps=KEYS)
-    with torch._inductor.config.patch(SCALAR_KERNELS):
+    with torch._inductor.config.patch(QUICK_BUILD):
         loaded = fxprop.load(_export(acc, tmp_path, aoti=True))
     assert type(loaded.full_part).__name__ == "AOTICompiledModel"
     _assert_reproduces(loaded, acc, seed=0)

@@ -3,7 +3,7 @@
 Four ranks. The world runs SD with CFG split in halves and shares (cfg_parallel, 2 x 2); the
 pairs {0, 1} and {2, 3} run segment parallelism on two pipelines each; every rank runs a group
 of one; then the pairs run calls that disagree (steps, seed, shapes). Each rank saves, per
-case, its output, single-process parallel mode's if it computed it (one rank per group does),
+case, its output, sequential mode's in one process if it computed it (one rank per group does),
 and the parts it ran, and the errors it raised to
 ``<out>/rank<r>.pt``; the test compares them.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import fxprop
-from conftest import decoder_attn_unet, make_scheduler, sd_pipeline
+from conftest import decoder_attn_unet, make_scheduler, part_calls, sd_pipeline
 from test_pipelines import CASES
 
 KEY_STEPS = [0, 3]   # 6 steps: two segments of 3, shared 2 + 1 between two ranks
@@ -38,9 +38,10 @@ class Case:
         self.pipe.set_progress_bar_config(disable=True)
         self.runtime = fxprop.runtime_of(self.pipe)
 
-    def run(self, group=None, scheduler="ddim", seed=0, steps=STEPS, size=None, **options):
+    def run(self, group=None, scheduler="ddim", seed=0, steps=STEPS, size=None, parallel=True,
+            **options):
         """The latents over ``group`` (None: this process alone)."""
-        self.runtime.policy = fxprop.EncoderPropagation(key_steps=KEY_STEPS, parallel=True,
+        self.runtime.policy = fxprop.EncoderPropagation(key_steps=KEY_STEPS, parallel=parallel,
                                                         group=group, **options)
         self.pipe.scheduler = make_scheduler(scheduler)
         call = self.kwargs() if size is None else {**self.kwargs(), "height": size,
@@ -49,14 +50,14 @@ class Case:
                          generator=torch.Generator().manual_seed(seed)).images
 
     def compare(self, group, reference: bool, **options) -> tuple:
-        """Over ``group``, alone (on one rank of the group: the ranks' results are equal) or
-        None, and the parts this rank ran over the group, counted."""
-        alone = {k: v for k, v in options.items() if k != "cfg_parallel"}
-        with torch.profiler.profile() as prof:
+        """Over ``group``; in sequential mode in this process (on one rank of the group: the
+        ranks' results are equal), or None; and the parts this rank ran over the group, counted.
+        The reference is sequential mode, not parallel mode alone: it needs no capture at a
+        batched shape, and parallel mode equals it (test_parallel.py)."""
+        alone = {k: v for k, v in options.items() if k not in ("cfg_parallel", "max_batch")}
+        with part_calls() as ran:
             distributed = self.run(group, **options)
-        ran = Counter({e.key: e.count for e in prof.key_averages()
-                       if e.key.startswith("fxprop.")})
-        return distributed, self.run(None, **alone) if reference else None, ran
+        return distributed, self.run(None, parallel=False, **alone) if reference else None, ran
 
     def error(self, group, **options) -> str:
         try:
@@ -86,7 +87,9 @@ def main(out: str) -> None:
     else:
         results["pair: sdxl, max_batch"] = Case("sdxl").compare(pair, rank == 3, max_batch=2)
         results["pair: img2img"] = Case("img2img").compare(pair, rank == 3)
-    results["one: group of one"] = (sd.run(ones[rank]), sd.run(), Counter())
+    # max_batch=2 at batch 2: chunks of one step, so no capture at a batched shape
+    results["one: group of one"] = (sd.run(ones[rank], max_batch=2), sd.run(max_batch=2),
+                                    Counter())
     errors = {"steps": sd.error(pair, steps=STEPS if first else STEPS + 1),
               "seed": sd.error(pair, seed=0 if first else 1),
               "shapes": sd.error(pair, size=16 if first else 24)}

@@ -118,7 +118,7 @@ def _groups(ranks: list[dict]) -> dict[str, list[int]]:
 
 
 @pytest.mark.slow
-def test_every_rank_gives_single_process_parallel_mode(ranks):
+def test_every_rank_gives_the_single_process_result(ranks):
     groups = _groups(ranks)
     assert {name: len(g) for name, g in groups.items()} == {
         "world: cfg_parallel x 2 shares": 4, "pair: sd-cfg, euler, forecast": 2,

@@ -17,9 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxprop
-import fxprop.runtime
 from conftest import (LOOP_TIMESTEPS, SCHEDULERS, assert_differs, ddpm_pipeline,
-                      decoder_attn_unet, loop_inputs, make_scheduler, run_loop)
+                      decoder_attn_unet, loop_inputs, make_scheduler, part_calls, run_loop)
 from fxprop.capture import flatten_call
 from fxprop.parallel import chunk_at, steps_per_call
 from fxprop.plan import Segment
@@ -29,28 +28,11 @@ KEY_STEPS = [0, 2, 3]
 TOLERANCE = 1e-4
 
 
-@contextlib.contextmanager
-def _counting():
-    """Counts the ``record_function`` labels fxprop's runtime enters: what ``torch.profiler``
-    would list for fxprop's parts, without profiling every op (0.76 s -> 0.06 s a generation)."""
-    calls, real = Counter(), fxprop.runtime.record_function
-
-    def counted(label):
-        calls[label] += 1
-        return real(label)
-
-    fxprop.runtime.record_function = counted
-    try:
-        yield calls
-    finally:
-        fxprop.runtime.record_function = real
-
-
 def _profiled(generate, profiler: bool = False):
     """``generate()`` and how often each of fxprop's parts ran in it; with ``profiler``, also
     checks that ``torch.profiler`` lists the parts so (what tools/profile_parallel.py reads)."""
     prof = torch.profiler.profile() if profiler else contextlib.nullcontext()
-    with _counting() as calls, prof:
+    with part_calls() as calls, prof:
         out = generate()
     calls = Counter({k: n for k, n in calls.items() if k.startswith("fxprop.")})
     if profiler:

@@ -1,22 +1,25 @@
-"""Tiny models and pipelines built from configs with random weights (nothing downloads)."""
+"""Tiny models and pipelines built from configs with random weights (nothing downloads).
+
+diffusers is imported where a builder needs it, not at the top: pytest's controller process
+loads this file as well, before it starts the workers, and importing diffusers' pipelines
+costs about 9 s of CPU there (every run of the suite waited for it).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
 import torch.fx
-from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, DDPMPipeline,
-                       DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, PNDMScheduler,
-                       StableDiffusionControlNetPipeline, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel,
-                       UniPCMultistepScheduler)
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they bring
 # torch.export records a Python stack trace on every node it traces: a fifth of a capture's time
@@ -25,9 +28,9 @@ torch.set_num_threads(1)  # tiny models: threads cost more than they bring
 torch.fx.config.do_not_emit_stack_traces = True
 
 SCHEDULERS = {
-    "ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler, "dpm++": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler, "lcm": LCMScheduler, "heun": HeunDiscreteScheduler,
+    "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler", "lcm": "LCMScheduler", "heun": "HeunDiscreteScheduler",
 }
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                     beta_schedule="scaled_linear")
@@ -46,11 +49,13 @@ def scheduler_params(names=SCHEDULERS, fast=("ddim",)) -> list:
 
 
 def make_scheduler(name: str):
+    import diffusers
     extra = {"skip_prk_steps": True} if name == "pndm" else {}
-    return SCHEDULERS[name](**SD_SCHEDULER, **extra)
+    return getattr(diffusers, SCHEDULERS[name])(**SD_SCHEDULER, **extra)
 
 
 def sd_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
     torch.manual_seed(seed)
     config = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                   block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4,
@@ -68,6 +73,7 @@ def sdxl_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
 
 
 def tiny_vae() -> AutoencoderKL:
+    from diffusers import AutoencoderKL
     torch.manual_seed(0)
     return AutoencoderKL(block_out_channels=(16, 16), latent_channels=4, norm_num_groups=8,
                          down_block_types=("DownEncoderBlock2D",) * 2,
@@ -80,8 +86,10 @@ def text_embeds(batch: int = 1, seed: int = 1) -> dict:
             "negative_prompt_embeds": torch.randn(batch, 5, TEXT_DIM, generator=g)}
 
 
-def sd_pipeline(cls=StableDiffusionPipeline, unet=None, **extra):
-    return cls(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet or sd_unet(),
+def sd_pipeline(cls=None, unet=None, **extra):
+    """``cls`` (default ``StableDiffusionPipeline``) with the tiny VAE and UNet, no text encoder."""
+    from diffusers import StableDiffusionPipeline
+    return (cls or StableDiffusionPipeline)(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet or sd_unet(),
                scheduler=make_scheduler("ddim"), safety_checker=None, feature_extractor=None,
                requires_safety_checker=False, **extra)
 
@@ -89,6 +97,7 @@ def sd_pipeline(cls=StableDiffusionPipeline, unet=None, **extra):
 def controlnet_pipeline(unet=None):
     """``unet`` (default ``sd_unet()``) with a ControlNet: ``decoder_attn_unet()`` fits too and
     captures in a third of the time, for tests where the UNet's attention does not matter."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
     torch.manual_seed(2)
     controlnet = ControlNetModel(in_channels=4, layers_per_block=1, block_out_channels=(16, 32),
                                  norm_num_groups=8, attention_head_dim=4,
@@ -99,6 +108,7 @@ def controlnet_pipeline(unet=None):
 
 
 def sdxl_pipeline(unet=None):
+    from diffusers import StableDiffusionXLPipeline
     return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=None, text_encoder_2=None,
                                      tokenizer=None, tokenizer_2=None, unet=unet or sdxl_unet(),
                                      scheduler=make_scheduler("ddim"))
@@ -111,6 +121,7 @@ def sdxl_embeds(batch: int = 1) -> dict:
 
 
 def ddpm_pipeline():
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
                        block_out_channels=(16, 32), norm_num_groups=8,
@@ -265,6 +276,7 @@ def live_tensor_bytes() -> int:
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
     """A LoRA for ``decoder_attn_unet`` saved as diffusers writes it (random B: it matters)."""
+    from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     unet = decoder_attn_unet()

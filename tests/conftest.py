@@ -89,7 +89,8 @@ def text_embeds(batch: int = 1, seed: int = 1) -> dict:
 def sd_pipeline(cls=None, unet=None, **extra):
     """``cls`` (default ``StableDiffusionPipeline``) with the tiny VAE and UNet, no text encoder."""
     from diffusers import StableDiffusionPipeline
-    return (cls or StableDiffusionPipeline)(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet or sd_unet(),
+    cls = cls or StableDiffusionPipeline
+    return cls(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet or sd_unet(),
                scheduler=make_scheduler("ddim"), safety_checker=None, feature_extractor=None,
                requires_safety_checker=False, **extra)
 

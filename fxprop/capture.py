@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .graph import placeholders
+from .stacks import canonical_stacks
 
 __all__ = ["CallKey", "FlatCall", "Captured", "flatten_call", "capture", "normalise_timestep",
            "path_name", "TENSOR"]
@@ -183,6 +184,8 @@ def capture(unet: nn.Module, call: FlatCall, forward: Callable | None = None) ->
             exported = exported.run_decompositions({})
     unlifted = exported.module()
     graph = _plain_graph(unlifted.graph, call.names)
+    # module paths as the UNet names them, whatever spelling export chose (see fxprop.stacks)
+    canonical_stacks(graph, unet, ((flat, ROOT), (unet, "")), ROOT)
     return Captured(fx.GraphModule(_attributes(graph, flat, unlifted), graph),
                     exported.call_spec.out_spec)
 

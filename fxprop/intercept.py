@@ -104,6 +104,11 @@ class _Forward:
     def original_forward(self) -> Callable[..., Any]:
         return _class_forward(self.module)
 
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        """What ``inspect.signature`` reads: the module's own forward signature."""
+        return self.original_forward
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.hook.new_forward(self.module, *args, **kwargs)
 

@@ -48,3 +48,31 @@ def test_a_bare_unet_accelerates_without_diffusers():
     done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", SCRIPT],
                           cwd=tests, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_a_bare_unet_copies_pickles_and_restores_plain():
+    import copy
+    import io
+
+    import torch
+
+    import fxprop
+    from test_stacks import TwoNames
+    torch.manual_seed(0)
+    unet = TwoNames().eval()
+    x, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([900, 500, 100])
+    acc = fxprop.accelerate(unet, key_steps=[0], prior_noise=0)
+    acc.set_timesteps(timesteps)
+    with torch.no_grad():
+        sparse = [acc(x, t) for t in timesteps]
+        plain = [unet(x, t) for t in timesteps]  # no scope: the intercepted UNet runs plainly
+    assert (sparse[1] - plain[1]).abs().max() > 1e-4  # the runtime did reuse features
+    buffer = io.BytesIO()
+    torch.save(unet, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(unet), torch.load(buffer, weights_only=False)):
+        assert fxprop.intercept.intercepted(twin) is None  # plain, holding nothing of fxprop's
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x, timesteps[1]), plain[1], atol=0, rtol=0)
+    fxprop.restore(acc)
+    assert "forward" not in unet.__dict__ and fxprop.intercept.intercepted(unet) is None

@@ -78,6 +78,10 @@ class Generation:
         """Drop the tensors kept across steps (the generation cannot use them any more)."""
         self.frontiers.clear()
 
+    #: Whether a call with a signature not seen at a key step runs the whole UNet and keeps
+    #: its frontier (a key step of its own); else it leaves the plan.
+    adopts = False
+
     def select(self, key: Any) -> None:
         """Make ``frontiers`` those of calls with signature ``key`` (here one set for all: a
         key step with another signature replaces it; see :class:`fxprop.grid.GridGeneration`)."""
@@ -215,19 +219,21 @@ class PlanFollower(nn.Module):
                              len(train) if isinstance(train, torch.Tensor) else None)
 
     def set_grid(self, sigmas: Any, timesteps: Any, num_train_timesteps: int | None = None,
-                 by: str = "timestep") -> Plan:
+                 by: str = "timestep", policy: Any = None) -> Plan:
         """Start a generation of a sampler over the grid ``sigmas`` (step ``i`` is
         ``sigmas[i]``, the last entry is the end), whose UNet receives ``timesteps`` (one per
         entry of ``sigmas``); returns its plan. Each call is mapped to its grid step by the
         value it carries: ``by="timestep"`` (the UNet's timestep, :meth:`set_sigmas`) or
         ``by="sigma"`` (the caller passes each call's sigma; the timesteps may then repeat,
-        as ComfyUI's rounded ones do). Raises ``ValueError`` in parallel mode and for a grid
-        whose ``by`` values do not decrease strictly."""
+        as ComfyUI's rounded ones do). ``policy``: plan with it instead of ``self.policy``
+        (a run's own key steps). Raises ``ValueError`` in parallel mode and for a grid whose
+        ``by`` values do not decrease strictly."""
         from .grid import GridGeneration, grid_values, host_floats
 
         if by not in ("timestep", "sigma"):
             raise ValueError(f"by must be 'timestep' or 'sigma', got {by!r}")
-        if self.policy.batches:
+        policy = self.policy if policy is None else policy
+        if policy.batches:
             raise ValueError("parallel mode batches a segment's steps assuming one UNet call "
                              "per step, but k-diffusion samplers may call it several times per "
                              "grid step: use parallel=False with set_sigmas")
@@ -237,8 +243,8 @@ class PlanFollower(nn.Module):
                              f"got {len(t_values)}")
         grid, end = grid_values(t_values if by == "timestep" else sigma_values, by)
         signal = [1 / (1 + s * s) ** 0.5 for s in sigma_values[:-1]]
-        plan = self.policy.plan(t_values[:-1], num_train_timesteps,
-                                signal if self.policy.needs_signal else None)
+        plan = policy.plan(t_values[:-1], num_train_timesteps,
+                           signal if policy.needs_signal else None)
         self._start(GridGeneration(plan, sigmas, end=end, grid=tuple(grid), unit=by))
         return plan
 
@@ -303,7 +309,7 @@ class PlanFollower(nn.Module):
         """
         step, gen.step = gen.step, gen.step + 1
         gen.select(call.key)
-        if gen.plan.is_key[step]:
+        if gen.plan.is_key[step] or (gen.adopts and not gen.frontiers.has(call.key)):
             out = self._key_step(gen, step, call, parts)
         elif gen.frontiers.has(call.key):
             out = self._reuse_step(gen, step, call, parts)

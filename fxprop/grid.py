@@ -11,7 +11,8 @@ other call (back up, off the grid, a skipped step) makes the generation off-plan
 Where the loop knows each call's sigma (ComfyUI passes it in ``transformer_options["sigmas"]``)
 calls are matched by sigma instead, by the same rules (``PlanFollower.set_grid(..., by=
 "sigma")``): the sigmas of a grid decrease strictly even where the rounded timesteps repeat.
-Each call signature (cond and uncond run as separate calls) keeps its own key frontiers.
+Each call signature (cond and uncond run as separate calls) keeps its own key frontiers; a
+signature first seen at a non-key step runs the whole UNet there and starts its own.
 
 The lookup is a :func:`bisect` over host floats made once per generation; the only device
 value read per call is the timestep's first entry.
@@ -78,6 +79,10 @@ class GridGeneration(Generation):
     at: int = -1                     # the grid step of the previous call
     negated: list = field(default_factory=list, repr=False)  # -grid, ascending
     slots: dict = field(default_factory=dict, repr=False)    # call key -> its KeyFrontiers
+
+    #: A call signature first seen at a non-key step (a ControlNet whose range starts or ends
+    #: there: ComfyUI passes ``control=None`` outside it) runs whole and keeps its frontier.
+    adopts = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -76,7 +76,8 @@ def load_comfy() -> types.SimpleNamespace:
     import comfy.cli_args
     comfy.cli_args.args.cpu = True  # before comfy.model_management reads it
     names = ("comfy.model_management", "comfy.model_patcher", "comfy.patcher_extension",
-             "comfy.sample", "comfy.samplers", "comfy.supported_models", "comfy.ops")
+             "comfy.sample", "comfy.samplers", "comfy.supported_models", "comfy.ops",
+             "comfy.controlnet")
     modules = {name.split(".")[-1]: importlib.import_module(name) for name in names}
     return types.SimpleNamespace(path=path, **modules)
 

@@ -190,6 +190,56 @@ def test_prior_noise_enters_at_low_timesteps(model):
     assert 1e-6 < (out - plain).abs().max() < 0.1 * plain.abs().max()
 
 
+def _control(threshold: float):
+    """A ControlNet stand-in (a ``ControlBase`` of ComfyUI's own), whose residuals for the skips
+    and the middle block are given until the sigma falls below ``threshold``; then, as a
+    ControlNet outside its percent range, ``control=None``."""
+    g = torch.Generator().manual_seed(9)
+    skips = [(32, 8), (32, 8), (32, 4), (64, 4), (64, 2), (64, 2)]  # the tiny UNet's hs
+    residuals = {"output": [torch.randn(1, c, s, s, generator=g) * 0.5 for c, s in skips],
+                 "middle": [torch.randn(1, 64, 2, 2, generator=g) * 0.5]}
+
+    class Control(COMFY.controlnet.ControlBase):
+        def get_control(self, x, t, cond, batched_number, transformer_options):
+            if float(t[0]) < threshold:
+                return None
+            return {k: [r.expand(x.shape[0], -1, -1, -1).clone() for r in v]
+                    for k, v in residuals.items()}
+
+        def copy(self):
+            return self
+
+    return Control()
+
+
+def test_a_controlnet_whose_range_ends_between_key_steps(model):
+    """control= comes with every call while the ControlNet is in range, then None: the first
+    call without it (a new call signature, at a non-key step) runs whole and keeps its own
+    frontier; nothing falls back."""
+    sigmas = COMFY.samplers.calculate_sigmas(model.get_model_object("model_sampling"),
+                                             "normal", STEPS)
+    control = _control(float(sigmas[1]) - 1e-3)  # in range for steps 0 and 1
+
+    def with_control(m):
+        g = torch.Generator().manual_seed(0)
+        positive, negative = conditioning(1), conditioning(2)
+        for cond in (positive, negative):
+            cond[0][1]["control"] = control
+        return COMFY.sample.sample(m, torch.randn(SHAPE, generator=g), STEPS, CFG, "euler",
+                                   "normal", positive, negative, torch.zeros(SHAPE), seed=0,
+                                   disable_pbar=True)
+
+    plain = with_control(model)
+    assert_differs(plain, sample(model))
+    every, _, _ = accelerated(model, "deep")
+    torch.testing.assert_close(with_control(every), plain, atol=1e-5, rtol=0)
+    sparse, runner, record = accelerated(model, "deep", interval=3)
+    whole, real = [], runner._key_step
+    runner._key_step = lambda gen, step, *args: whole.append(step) or real(gen, step, *args)
+    assert_differs(with_control(sparse), plain)
+    assert whole == [0, 2, 3, 6]  # step 2: the first call without control=
+
+
 # -- state across runs ---------------------------------------------------------------------------
 
 def _count_captures(monkeypatch) -> list:

@@ -7,17 +7,20 @@
 
 Both packages are installed with ``--no-deps`` (README's test command): their training stacks
 are not needed. ``denoising_diffusion_pytorch`` imports ``torchvision`` (transforms, image
-utils) for its trainer, whose wheel would replace the CPU torch: empty stand-ins are put in
-``sys.modules`` for it, only if it is not installed. LDM zero-initialises its output layers
-(``zero_module``), which makes an untrained UNet output zero whatever fxprop does: those
-layers get random weights here (:func:`zero_init_layers` names them, a test checks them).
+utils) for its trainer, whose wheel would replace the CPU torch: empty stand-ins are in
+``sys.modules`` while it imports, only if torchvision is not installed. LDM zero-initialises
+its output layers (``zero_module``), which makes an untrained UNet output zero whatever fxprop
+does: those layers get random weights here (:func:`zero_init_layers` names them, a test
+checks them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -68,8 +71,8 @@ def randomise(layers: list[nn.Module], std: float = 0.05) -> None:
 
 def lucid_unet(seed: int = 0) -> nn.Module:
     """``denoising_diffusion_pytorch.Unet`` with two levels of 8 and 16 channels."""
-    _stand_in("torchvision", "torchvision.transforms", "torchvision.utils")
-    from denoising_diffusion_pytorch import Unet
+    with _stand_ins("torchvision", "torchvision.transforms", "torchvision.utils"):
+        from denoising_diffusion_pytorch import Unet
     torch.manual_seed(seed)
     return Unet(dim=8, dim_mults=(1, 2), channels=3).eval()
 
@@ -80,12 +83,22 @@ LUCID_REGIONS = {"encoder": ["init_conv", "downs"],
                  "decoder": ["ups", "final_res_block"], "output": ["final_conv"]}
 
 
-def _stand_in(*names: str) -> None:
-    """Empty modules for ``names`` unless the real package is installed."""
+@contextlib.contextmanager
+def _stand_ins(*names: str) -> Iterator[None]:
+    """Empty modules for ``names`` while the block imports, unless the real package is
+    installed; taken out of ``sys.modules`` after it (diffusers would take them for the real
+    torchvision)."""
     if importlib.util.find_spec(names[0]) is not None:
+        yield
         return
-    for name in names:
-        module = sys.modules.setdefault(name, types.ModuleType(name))
+    added = [name for name in names if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = types.ModuleType(name)
         parent, _, child = name.rpartition(".")
         if parent:
-            setattr(sys.modules[parent], child, module)
+            setattr(sys.modules[parent], child, sys.modules[name])
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)

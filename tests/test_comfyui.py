@@ -282,6 +282,17 @@ def test_lora_patched_weights_are_seen_and_restored(model, monkeypatch):
     assert len(made) >= 1
 
 
+@pytest.mark.slow  # ~3 s: a second model's capture
+def test_switching_models_between_runs(model):
+    """One runner on two models (a checkpoint switch): each run follows its own UNet."""
+    other = tiny_patcher(COMFY, seed=1)
+    runner = ComfyRunner(make_policy("deep", key_steps=1, prior_noise=0.0))
+    first, second = patch_model(model, runner), patch_model(other, runner)
+    for patched, base in ((first, model), (second, other), (first, model)):
+        torch.testing.assert_close(sample(patched), sample(base), atol=1e-5, rtol=0)
+    assert_differs(sample(first), sample(second))
+
+
 def test_a_run_that_raises_leaves_nothing_behind(model):
     every, runner, record = accelerated(model, "deep", interval=3)
     generations = []

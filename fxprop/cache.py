@@ -17,6 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
+from .calls import waiting_for
 from .capture import CallKey, Captured
 
 __all__ = ["CaptureCache", "Entry", "CAPTURE_CACHE_SIZE"]
@@ -57,7 +58,7 @@ class CaptureCache:
 
     def entry(self, state: int, key: CallKey, capture: Callable[[], Captured]) -> Entry:
         """The entry of ``(state, key)``, captured by ``capture()`` on a miss."""
-        with self._lock:
+        with waiting_for(self._lock):  # the holder may be capturing: see fxprop.calls
             found = self._entries.get((state, key))
             if found is None:
                 found = self._entries[state, key] = Entry(capture())

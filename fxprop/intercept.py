@@ -25,6 +25,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .cache import CaptureCache
+from .calls import running
 from .fingerprint import replaced_forward, skipped_hooks
 from .follow import active_scope
 
@@ -69,12 +70,13 @@ class Intercept:
         return self.fn_ref.original_forward
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        scope = active_scope()
-        if scope is not None and getattr(scope.follower, "unet", None) is module:
-            out = scope.follower.planned(args, kwargs)
-            if out is not NOT_PLANNED:
-                return out
-        return self.fn_ref.original_forward(*args, **kwargs)
+        with running(module):  # never while another thread captures it (fxprop.calls)
+            scope = active_scope()
+            if scope is not None and getattr(scope.follower, "unet", None) is module:
+                out = scope.follower.planned(args, kwargs)
+                if out is not NOT_PLANNED:
+                    return out
+            return self.fn_ref.original_forward(*args, **kwargs)
 
 
 def is_diffusers_model(module: nn.Module) -> bool:

@@ -10,6 +10,7 @@ there or its imports fail.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -17,6 +18,7 @@ import os
 import sys
 import types
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -31,8 +33,8 @@ UNET_CONFIG = dict(
     use_temporal_attention=False, use_checkpoint=False, in_channels=4, out_channels=4,
     image_size=32,
 )
-#: torchvision modules that only model families these tests do not use import (its CPU
-#: wheel is not installed here; ComfyUI's SD1.5 path never calls it).
+#: torchvision modules that only model families these tests do not use import at ComfyUI's
+#: import (its CPU wheel is not installed here; ComfyUI's SD1.5 path never calls it).
 TORCHVISION = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
                "torchvision.ops", "torchvision.io")
 
@@ -49,19 +51,29 @@ def comfy_path() -> Path | None:
     return path if (path / "comfy").is_dir() else None
 
 
-def _stub_torchvision() -> None:
-    """Empty ``torchvision`` modules, unless a real one imports."""
+@contextlib.contextmanager
+def _torchvision_stand_ins() -> Iterator[None]:
+    """Empty ``torchvision`` modules while the block imports ComfyUI, unless a real one
+    imports; taken out of ``sys.modules`` after it (diffusers, imported later by other tests
+    of the same worker, would take them for the real torchvision)."""
     if importlib.util.find_spec("torchvision") is not None:
         try:
             importlib.import_module("torchvision")
+            yield
             return
         except Exception:  # a torchvision built for another torch
             pass
-    for name in TORCHVISION:
+    added = [name for name in TORCHVISION if name not in sys.modules]
+    for name in added:
         module = types.ModuleType(name)
         module.__path__ = []
         module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
         sys.modules[name] = module
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
 
 
 def load_comfy() -> types.SimpleNamespace:
@@ -72,7 +84,11 @@ def load_comfy() -> types.SimpleNamespace:
                           "set FXPROP_COMFYUI_PATH to a ComfyUI checkout")
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
-    _stub_torchvision()
+    with _torchvision_stand_ins():
+        return _import_comfy(path)
+
+
+def _import_comfy(path: Path) -> types.SimpleNamespace:
     import comfy.cli_args
     comfy.cli_args.args.cpu = True  # before comfy.model_management reads it
     names = ("comfy.model_management", "comfy.model_patcher", "comfy.patcher_extension",

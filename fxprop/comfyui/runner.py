@@ -62,7 +62,8 @@ def capture_cache(unet: nn.Module) -> CaptureCache:
 def lowvram_reason(unet: nn.Module) -> str | None:
     """Why ``unet`` cannot run as a captured graph now (lowvram partial loading), or None."""
     for path, module in unet.named_modules():
-        if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) \
+        casts = getattr(module, "comfy_cast_weights", False)
+        if casts or getattr(module, "weight_function", None) \
                 or getattr(module, "bias_function", None):
             return (f"{path or type(unet).__name__} casts or patches its weights at every call "
                     "(ComfyUI's lowvram partial loading or weight casting); a captured graph "

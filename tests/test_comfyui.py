@@ -108,6 +108,20 @@ def test_the_nodes_patch_a_clone_with_their_defaults(model):
         assert_differs(sample(patched), sample(model))
 
 
+def test_key_steps_as_a_list_or_a_preset(model):
+    """The nodes' optional key_steps: a list of steps, or a preset, instead of interval."""
+    node = NODE_CLASS_MAPPINGS["FxpropDeepCache"]()
+    options = dict(interval=1, forecast=1, start_percent=0.0, end_percent=1.0, branch=0)
+    (listed,) = node.patch(model, key_steps="0, 2,5", **options)
+    reference, _, record = accelerated(model, "deep", interval=[0, 2, 5], forecast=1)
+    torch.testing.assert_close(sample(listed), sample(reference), atol=0, rtol=0)
+    assert_sparse_follows(record, STEPS, {0, 2, 5})
+    (preset,) = node.patch(model, key_steps="faster-diffusion", **options)
+    assert_differs(sample(preset), sample(model))
+    with pytest.raises(ValueError, match="comma-separated step numbers"):
+        node.patch(model, key_steps="0,two", **options)
+
+
 # -- the shapes a ComfyUI run takes --------------------------------------------------------------
 
 def _check_run(model, steps: int = STEPS, keys=None, **options) -> int:

@@ -2,8 +2,9 @@
 ``CATEGORY``): MODEL in, a patched clone out.
 
 Key steps count the steps of each sampler run (KSampler's steps; KSamplerAdvanced's and
-img2img's steps from the first one run): every ``interval``-th from the first is a key step,
-and so is every step outside ``start_percent`` .. ``end_percent`` of the sampling range.
+img2img's steps from the first one run): every ``interval``-th from the first is a key step
+(or the optional ``key_steps``: a list, or a preset such as ``faster-diffusion``), and so is
+every step outside ``start_percent`` .. ``end_percent`` of the sampling range.
 Defaults are the settings measured best in fxprop's benchmarks (README, "Forecasting"):
 interval 3 and a linear forecast of the cached features.
 """
@@ -17,7 +18,7 @@ from .patch import patch_model
 from .runner import ComfyRunner
 
 __all__ = ["FxpropEncoderPropagation", "FxpropDeepCache", "NODE_CLASS_MAPPINGS",
-           "NODE_DISPLAY_NAME_MAPPINGS"]
+           "NODE_DISPLAY_NAME_MAPPINGS", "key_steps"]
 
 CATEGORY = "model_patches/fxprop"
 
@@ -37,9 +38,31 @@ def _common() -> dict:
     }
 
 
+def _optional() -> dict:
+    """Inputs both nodes may take."""
+    return {"key_steps": ("STRING", {
+        "default": "", "tooltip": "instead of interval: key steps as a list ('0,1,2,3,5,10') "
+                                  "or a preset ('faster-diffusion'); empty: every interval-th"})}
+
+
+def key_steps(interval: int, text: str = "") -> Any:
+    """``key_steps`` of a policy from the nodes' inputs: ``text`` (a comma-separated list of
+    steps or a preset name) if given, else ``interval``."""
+    text = text.strip()
+    if not text:
+        return interval
+    if text[0].isdigit():
+        try:
+            return [int(step) for step in text.replace(" ", "").split(",") if step]
+        except ValueError:
+            raise ValueError(f"key_steps must be comma-separated step numbers (0,1,2,3,5,10) or "
+                             f"a preset name, got {text!r}") from None
+    return text
+
+
 def _patch(model: Any, reuse: str, interval: int, start_percent: float, end_percent: float,
-           **options: Any) -> tuple:
-    policy = make_policy(reuse, key_steps=interval, **options)
+           steps: str = "", **options: Any) -> tuple:
+    policy = make_policy(reuse, key_steps=key_steps(interval, steps), **options)
     return (patch_model(model, ComfyRunner(policy, start_percent, end_percent)),)
 
 
@@ -54,7 +77,7 @@ class FxpropEncoderPropagation:
             "prior_noise": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.1, "step": 0.001,
                                       "tooltip": "weight of the initial noise added to the UNet"
                                                  " input at steps with t < T/2 (paper: 0.003)"}),
-        }}
+        }, "optional": _optional()}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
@@ -62,8 +85,8 @@ class FxpropEncoderPropagation:
     DESCRIPTION = "fxprop: encoder propagation (Faster Diffusion) as a cut of the captured UNet."
 
     def patch(self, model: Any, interval: int, forecast: int, start_percent: float,
-              end_percent: float, prior_noise: float) -> tuple:
-        return _patch(model, "encoder", interval, start_percent, end_percent,
+              end_percent: float, prior_noise: float, key_steps: str = "") -> tuple:
+        return _patch(model, "encoder", interval, start_percent, end_percent, key_steps,
                       forecast=forecast, prior_noise=prior_noise)
 
 
@@ -78,7 +101,7 @@ class FxpropDeepCache:
             "branch": ("INT", {"default": 0, "min": 0, "max": 11,
                                "tooltip": "the skip connection whose deep feature is cached "
                                           "(0: the shallowest, fastest)"}),
-        }}
+        }, "optional": _optional()}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
@@ -86,8 +109,8 @@ class FxpropDeepCache:
     DESCRIPTION = "fxprop: deep-feature caching (DeepCache) as a cut of the captured UNet."
 
     def patch(self, model: Any, interval: int, forecast: int, start_percent: float,
-              end_percent: float, branch: int) -> tuple:
-        return _patch(model, "deep", interval, start_percent, end_percent,
+              end_percent: float, branch: int, key_steps: str = "") -> tuple:
+        return _patch(model, "deep", interval, start_percent, end_percent, key_steps,
                       forecast=forecast, branch=branch)
 
 

@@ -6,10 +6,11 @@ ComfyUI calls ``diffusion_model(x, timesteps, context=, y=, control=, transforme
 ``patches_replace`` ...), values that change every run and that the UNet never reads: a fresh
 ``uuids`` per run, the run's ``sample_sigmas`` (shaped by its step count) and the wrappers
 themselves. Left in, each would make a new capture every run, so they are dropped from the call
-fxprop captures and runs (the original call, for fallbacks, keeps them). ``cond_or_uncond``
-says which conditionings a call batches: without patches (which might read it) it keys only the
-call's frontiers, so cond and uncond run as separate calls of one shape share one capture and
-each reuses its own frontier.
+fxprop captures and runs (the original call, for fallbacks, keeps them). Which conditionings a
+call batches (``cond_or_uncond``, and ``uuids``: one per conditioning entry of the run) keys
+the call's frontiers, and, without patches (which might read it), only them: cond and uncond
+run as separate calls of one shape share one capture, and each call reuses the frontier of the
+conditionings it computes, never another's of the same shape.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def comfy_call(forward: Callable, args: tuple, kwargs: dict) -> ComfyCall:
         raise TypeError(f"a ComfyUI diffusion model call passes transformer_options as a dict, "
                         f"got {type(options).__name__}")
     kept = {k: v for k, v in options.items() if k not in RUN_OPTIONS}
-    chunk = tuple(options.get(CHUNK_OPTION) or ())
+    chunk = (tuple(options.get(CHUNK_OPTION) or ()), tuple(options.get("uuids") or ()))
     if not any(options.get(name) for name in PATCHES):
         kept.pop(CHUNK_OPTION, None)
     bound.arguments["transformer_options"] = kept

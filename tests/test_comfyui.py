@@ -376,6 +376,26 @@ def test_lowvram_casting_is_refused_and_runs_plain(model, monkeypatch, caplog):
     assert not record and "lowvram" in caplog.text
 
 
+def test_attention_patches_are_refused_and_run_plain(model, caplog):
+    """Another node's attention replacement may keep state across calls (self-attention
+    guidance, attention stores): refused, the run is ComfyUI's own."""
+    calls = []
+
+    def attn1(q, k, v, extra_options):
+        calls.append(1)
+        return v  # a stand-in for an attention that stores what it sees
+
+    patched = model.clone()
+    patched.set_model_attn1_replace(attn1, "input", 1)
+    plain = sample(patched)
+    sparse, _, record = accelerated(patched, "deep", interval=3)
+    count = len(calls)
+    with pytest.warns(UserWarning, match="attention patches"):
+        out = sample(sparse)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+    assert not record and len(calls) == 2 * count and "attn1" in caplog.text
+
+
 def test_models_without_wrappers_or_a_unet_come_back_unchanged(caplog):
     runner = ComfyRunner(make_policy("deep"))
     old = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=None))

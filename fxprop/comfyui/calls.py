@@ -23,7 +23,7 @@ import torch
 
 from ..capture import FlatCall, flatten_call
 
-__all__ = ["ComfyCall", "comfy_call", "RUN_OPTIONS", "CHUNK_OPTION"]
+__all__ = ["ComfyCall", "comfy_call", "attention_patches", "RUN_OPTIONS", "CHUNK_OPTION"]
 
 #: transformer_options entries that change per run and that the UNet never reads
 RUN_OPTIONS = ("uuids", "sample_sigmas", "wrappers", "callbacks")
@@ -31,16 +31,20 @@ RUN_OPTIONS = ("uuids", "sample_sigmas", "wrappers", "callbacks")
 CHUNK_OPTION = "cond_or_uncond"
 #: transformer_options entries with callables the UNet runs (they may read any option)
 PATCHES = ("patches", "patches_replace")
+#: patches around or in place of attention: where nodes keep Python state across calls
+#: (attention stores, self-attention guidance), which a captured graph would run only once
+ATTENTION_PATCHES = ("attn1_patch", "attn2_patch", "attn1_output_patch", "attn2_output_patch")
 
 
 @dataclass
 class ComfyCall:
-    """One diffusion-model call: the flat call captured and run, the key of its frontiers and
-    its sigma (None if ComfyUI did not pass one)."""
+    """One diffusion-model call: the flat call captured and run, the key of its frontiers, its
+    sigma (None if ComfyUI did not pass one) and its transformer_options as they came."""
 
     flat: FlatCall
     slot: Hashable
     sigma: torch.Tensor | None
+    options: dict
 
     @property
     def key(self) -> Hashable:
@@ -67,5 +71,15 @@ def comfy_call(forward: Callable, args: tuple, kwargs: dict) -> ComfyCall:
     bound.arguments["transformer_options"] = kept
     flat = flatten_call(forward, bound.args, bound.kwargs)
     sigma = options.get("sigmas")
-    return ComfyCall(flat, (flat.key, chunk), sigma if isinstance(sigma, torch.Tensor) else None)
+    return ComfyCall(flat, (flat.key, chunk), sigma if isinstance(sigma, torch.Tensor) else None,
+                     options)
 
+
+
+def attention_patches(options: dict) -> list[str]:
+    """The attention patches and replacements in ``transformer_options`` (see
+    :data:`ATTENTION_PATCHES`), by name; a captured graph cannot run them faithfully."""
+    found = [name for name in ATTENTION_PATCHES if (options.get("patches") or {}).get(name)]
+    for kind, blocks in (options.get("patches_replace") or {}).items():
+        found += [f"{kind} {block}" for block in blocks]
+    return found

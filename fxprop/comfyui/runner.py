@@ -15,7 +15,8 @@ module, keyed by its fingerprint (LoRA weights patched in or restored: a new cap
 call signature.
 
 What it cannot run right it refuses, in ComfyUI's log and as a warning, running the whole UNet:
-lowvram partial loading (modules that cast or patch their weights per call), other
+lowvram partial loading (modules that cast or patch their weights per call), other nodes'
+attention patches and replacements (they may keep Python state across calls), other
 ``DIFFUSION_MODEL`` wrappers beneath fxprop's, a UNet it cannot capture or cut, a grid whose
 sigmas do not decrease.
 """
@@ -41,7 +42,7 @@ from ..intercept import NOT_PLANNED, check_hooks
 from ..plan import Plan
 from ..regions import resolve_layout
 from ..split import Parts, split
-from .calls import ComfyCall, comfy_call
+from .calls import ComfyCall, attention_patches, comfy_call
 
 __all__ = ["ComfyRunner", "capture_cache", "lowvram_reason"]
 
@@ -164,6 +165,10 @@ class ComfyRunner(PlanFollower):
                                 f"({[getattr(w, '__qualname__', w) for w in beneath]}); a "
                                 "captured graph would skip them")
         call = comfy_call(forward, args, kwargs)
+        patches = attention_patches(call.options)
+        if patches:
+            return self._refuse(f"attention patches of other nodes {patches[:3]} may keep "
+                                "state across calls, which a captured graph would not run")
         if call.sigma is None:
             return self._refuse("ComfyUI passed no transformer_options['sigmas'] to map the "
                                 "call to its step")

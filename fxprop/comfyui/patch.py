@@ -26,8 +26,8 @@ KEY = "fxprop"
 def refusal(model: Any) -> str | None:
     """Why fxprop cannot accelerate ComfyUI ``model`` (a ModelPatcher), or None."""
     if not hasattr(model, "add_wrapper_with_key"):
-        return ("this ComfyUI has no model wrappers (ModelPatcher.add_wrapper_with_key, "
-                "ComfyUI 0.3.10 and later); update ComfyUI")
+        return ("this ComfyUI has no model wrappers (ModelPatcher.add_wrapper_with_key, in "
+                "ComfyUI since its ModelPatcher overhaul of December 2024); update ComfyUI")
     unet = getattr(getattr(model, "model", None), "diffusion_model", None)
     if type(unet).__name__ != "UNetModel" or not hasattr(unet, "_forward"):
         return (f"fxprop accelerates ComfyUI's UNetModel (SD 1.x/2.x, SDXL and their "

@@ -5,8 +5,11 @@
 its scopes is active (its own call, or a pipeline call), the step function of
 :class:`~fxprop.follow.PlanFollower`: the full graph at a key step (output and frontier), else
 the every-step part on the cached or forecast frontier. Graphs come from the UNet's capture
-cache, keyed by what the UNet is (:func:`~fxprop.fingerprint.fingerprint`, read once per
-generation) and the call signature. Cross-step state belongs to the generation, which belongs
+cache, keyed by the state they are taken in (:meth:`~fxprop.cache.CaptureCache.state`: the
+UNet's fingerprint and the grad and autocast modes, read at every call) and the call signature.
+A state that changes within a generation (a callback toggling FreeU or an IP-Adapter scale) is
+seen at the next key step; at a non-key step the frontier was computed in the old state, so
+the generation leaves its plan and runs the whole UNet, with one warning. Cross-step state belongs to the generation, which belongs
 to its scope: the last key frontiers (:mod:`fxprop.forecast`) and, in parallel mode, the
 outputs of the current chunk of steps (:mod:`fxprop.parallel`). Any call that does not match
 the plan runs the original forward, which is always correct, and warns once.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -28,7 +31,6 @@ from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
 from .distributed import (Ranks, agree, gather, local_call, own_steps, plan_digest,
                           ranks_of)
-from .fingerprint import fingerprint
 from .follow import FollowState, Generation, PlanFollower, Scope, TimestepSource, scoped
 from .intercept import NOT_PLANNED, check_hooks, intercept, intercepted, release
 from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
@@ -119,10 +121,8 @@ class AcceleratedUNet(PlanFollower):
         """The UNet's output by the plan, or ``NOT_PLANNED`` (the caller runs the original)."""
         call = flatten_call(self._intercept.original_forward, args, kwargs)
         gen = self._on_plan(call.timestep)
-        if gen is None:
+        if gen is None or not self._same_state(gen, self.model_state(call)):
             return NOT_PLANNED
-        if gen.model_state is None:
-            gen.model_state = self.model_state()
         call = self._local(gen, call)
         captured, parts = self.parts_for(call, gen.model_state)  # may raise: step not consumed
         out = self.run_planned(gen, call, parts)
@@ -130,15 +130,27 @@ class AcceleratedUNet(PlanFollower):
             return NOT_PLANNED
         return pytree.tree_unflatten(list(out), captured.out_spec)
 
-    def model_state(self) -> int:
-        """The UNet's fingerprint now: what its captured graphs are valid for."""
-        return fingerprint(self.unet)
+    def model_state(self, call: FlatCall) -> Hashable:
+        """The state a graph captured now for ``call`` is valid for (UNet and trace modes)."""
+        return self._intercept.captures.state(self.unet, call.tensors[0])
 
-    def parts_for(self, call: FlatCall, state: int | None = None) -> tuple[Captured, Parts]:
-        """Captured graph and parts for this call's signature and the UNet's ``state``
-        (default: now), captured (and, with ``compile=``, wrapped by ``torch.compile``) on
-        first use; cached in the UNet's capture cache."""
-        state = self.model_state() if state is None else state
+    def _same_state(self, gen: Generation, state: Hashable) -> bool:
+        """Take ``state`` for the coming step; False (and leave the plan) at a non-key step
+        whose frontier was computed in another state: only the whole UNet is exact there."""
+        if gen.model_state in (None, state) or gen.plan.is_key[gen.step]:
+            gen.model_state = state
+            return True
+        gen.leave_plan()
+        self._warn(f"the UNet or the grad/autocast mode changed at step {gen.step}, after the "
+                   "key step whose features it would reuse (e.g. a callback toggled FreeU or "
+                   "an IP-Adapter scale; such changes are seen from the next key step)")
+        return False
+
+    def parts_for(self, call: FlatCall, state: Hashable = None) -> tuple[Captured, Parts]:
+        """Captured graph and parts for this call's signature and ``state`` (default: now),
+        captured (and, with ``compile=``, wrapped by ``torch.compile``) on first use; cached
+        in the UNet's capture cache."""
+        state = self.model_state(call) if state is None else state
         entry = self._intercept.captures.entry(state, call.key, lambda: self._capture(call))
         parts = entry.get(("parts", self.policy.cut_id, self.layout, repr(self.compile_options)),
                           lambda: compile_parts(self._split(entry.captured),

@@ -1,0 +1,148 @@
+"""A capture is valid for the state it was taken in (issue 25, cause 1): the UNet as it is at
+the call that captures (not at the start of the generation) and the grad and autocast modes.
+
+Changes made within a generation by stock diffusers callbacks are seen from the next key step
+(with every step a key step: the plain pipeline's image); at a non-key step the generation
+leaves its plan with one warning. The oracle is a plain pipeline of the same components in the
+same state (see test_workflows); where reuse makes the image differ from plain, the oracle is
+the same pipeline after ``clear_captures()`` (what a fresh process would capture).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+from diffusers.callbacks import IPAdapterScaleCutoffCallback, SDCFGCutoffCallback
+
+import fxprop
+from conftest import assert_differs, decoder_attn_unet, sd_pipeline
+from test_workflows import accelerated_and_plain, ip_adapter_state, run
+
+FREEU = dict(s1=0.9, s2=0.2, b1=1.4, b2=1.6)
+EMBEDS = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(4))]
+
+
+def _close(actual, expected, what, atol=1e-5):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(scope="module")
+def ip_pipes():
+    """An IP-Adapter pipeline (every step a key step) and its plain twin; tests reset the
+    scale and policy they change."""
+    pipe = sd_pipeline(unet=decoder_attn_unet())
+    pipe.load_ip_adapter(ip_adapter_state(pipe.unet), subfolder=None, weight_name=None,
+                         image_encoder_folder=None)
+    return accelerated_and_plain(pipe)
+
+
+def test_captures_are_keyed_by_the_autocast_mode():
+    """Row 1: bf16 autocast, then fp16, then none; each equals plain in the same mode."""
+    pipe, plain = accelerated_and_plain()
+    modes = {"bf16": torch.autocast("cpu", torch.bfloat16),
+             "fp16": torch.autocast("cpu", torch.float16), "none": contextlib.nullcontext()}
+    outs = {}
+    for name, mode in modes.items():
+        with mode:
+            outs[name] = run(pipe)
+            _close(outs[name], run(plain), f"under {name} autocast", atol=1e-3)
+    assert_differs(outs["bf16"], outs["none"], 1e-3, "bf16 autocast and none")
+    assert_differs(outs["fp16"], outs["bf16"], 1e-3, "fp16 and bf16 autocast")
+
+
+def _freeu_and_cfg_cutoff(step: int):
+    """A callback that enables FreeU after ``step`` and drops CFG (stock SDCFGCutoffCallback)."""
+    cutoff = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=step)
+
+    def callback(pipe, i, t, kwargs):
+        if i == step:
+            pipe.enable_freeu(**FREEU)
+        return cutoff(pipe, i, t, kwargs)
+
+    return dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
+def test_a_capture_mid_generation_is_keyed_by_the_state_it_was_taken_in():
+    """Row 2: FreeU on and CFG dropped at step 1 (a new signature is captured then, with FreeU
+    on); the next generation, FreeU off at guidance 1, must not get that capture."""
+    pipe, plain = accelerated_and_plain()
+    outs = []
+    for twin in (plain, pipe):
+        twin.disable_freeu()
+        outs.append(run(twin, **_freeu_and_cfg_cutoff(1)))
+    _close(outs[1], outs[0], "FreeU and CFG cut by a callback")
+    pipe.disable_freeu()
+    _close(run(pipe, guidance_scale=1.0), run(plain, guidance_scale=1.0), "the next generation")
+
+
+def _fresh(pipe, **kwargs):
+    """What a freshly accelerated pipeline gives: the same pipeline with no captures."""
+    fxprop.runtime_of(pipe).clear_captures()
+    return run(pipe, **kwargs)
+
+
+def test_parallel_graphs_captured_after_a_change_are_keyed_by_it():
+    """Row 3: parallel mode, FreeU on after step 0: the batched graphs of step 1's chunk are
+    captured with FreeU on; the next generation, FreeU off as the first one started, must not
+    reuse them."""
+    pipe, _ = accelerated_and_plain(key_steps=[0, 1, 3], parallel=True)
+    pipe.enable_freeu(**FREEU)
+    pipe.disable_freeu()  # its attributes exist from now on (None): a state reached again below
+
+    def freeu_on(p, i, t, kwargs):
+        if i == 0:
+            p.enable_freeu(**FREEU)
+        return {}
+
+    run(pipe, callback_on_step_end=freeu_on)
+    pipe.disable_freeu()
+    after = run(pipe)
+    _close(after, _fresh(pipe), "the next generation against a fresh capture")
+
+
+def test_ip_adapter_cutoff_is_seen_at_the_next_step(ip_pipes):
+    """Row 4: stock IPAdapterScaleCutoffCallback within one generation equals plain."""
+    pipe, plain = ip_pipes
+    fxprop.accelerate(pipe, key_steps=1, prior_noise=0)
+    outs = []
+    for twin in (plain, pipe):
+        twin.set_ip_adapter_scale(1.0)
+        outs.append(run(twin, ip_adapter_image_embeds=EMBEDS,
+                        callback_on_step_end=IPAdapterScaleCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)))
+    _close(outs[1], outs[0], "IP-Adapter scale cut at step 1")
+    pipe.set_ip_adapter_scale(1.0)
+    assert_differs(outs[0], run(plain, ip_adapter_image_embeds=EMBEDS), 1e-4, "with and without")
+
+
+def test_a_change_before_a_non_key_step_runs_the_whole_unet_with_a_warning(ip_pipes):
+    """Keys [0, 3], the scale cut after step 1: step 2 would reuse step 0's features computed
+    at scale 1, so the generation runs the whole UNet from there: keys [0, 2, 3] exactly."""
+    pipe, _ = ip_pipes
+    kwargs = dict(ip_adapter_image_embeds=EMBEDS,
+                  callback_on_step_end=IPAdapterScaleCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1))
+    fxprop.accelerate(pipe, key_steps=[0, 2, 3], prior_noise=0)
+    pipe.set_ip_adapter_scale(1.0)
+    reference = run(pipe, **kwargs)
+    fxprop.accelerate(pipe, key_steps=[0, 3], prior_noise=0)
+    pipe.set_ip_adapter_scale(1.0)
+    with pytest.warns(UserWarning, match="changed at step 2") as record:
+        candidate = run(pipe, **kwargs)
+    assert len([w for w in record if "fxprop" in str(w.message)]) == 1
+    _close(candidate, reference, "left the plan at step 2")
+
+
+def test_ip_adapter_cutoff_in_parallel_mode_does_not_reach_the_next_request(ip_pipes):
+    """Row 3b: parallel mode with the cutoff callback, then a request without it at scale 1."""
+    pipe, _ = ip_pipes
+    fxprop.accelerate(pipe, key_steps=[0, 1, 3], prior_noise=0, parallel=True)
+    pipe.set_ip_adapter_scale(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cut at step 1 is followed by a chunk's step 2
+        run(pipe, ip_adapter_image_embeds=EMBEDS,
+            callback_on_step_end=IPAdapterScaleCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0))
+    pipe.set_ip_adapter_scale(1.0)
+    after = run(pipe, ip_adapter_image_embeds=EMBEDS)
+    _close(after, _fresh(pipe, ip_adapter_image_embeds=EMBEDS), "the next request")

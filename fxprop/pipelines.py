@@ -25,6 +25,7 @@ from torch import nn
 
 from .capture import flatten_call
 from .config import Policy
+from .copying import copies_plain, forget, plain_reduce
 from .follow import FollowState, active_scope
 from .intercept import add_beneath, as_model_hook, registry_of, remove_beneath
 from .prior import increment, undefined_for
@@ -125,11 +126,23 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     adapter = self.__dict__.get(_ATTR)
     if adapter is None:  # made by from_pipe on the accelerated class: a plain pipeline
         return type(self).fxprop_original_class.__call__(self, *args, **kwargs)
+    adapter = _follow_unet(self, adapter)
     call = adapter.new_call()
     if call.prior_noise:
         kwargs = _with_callback(adapter, call, kwargs)
     with adapter.runtime.scope(call):
         return adapter.original_class.__call__(self, *args, **kwargs)
+
+
+def _follow_unet(pipe: Any, adapter: PipelineAdapter) -> PipelineAdapter:
+    """The adapter of ``pipe`` for the UNet it has now: after ``pipe.unet = other``, ``pipe``
+    is accelerated again with the same policy (the old UNet's runtime is released)."""
+    if pipe.unet is adapter.runtime.unet:
+        return adapter
+    runtime = adapter.runtime
+    accelerate_pipeline(pipe, runtime.policy, adapter.explicit_prior_noise,
+                        compile=runtime.compile_options)
+    return pipe.__dict__[_ATTR]
 
 
 def _with_callback(adapter: PipelineAdapter, call: PipelineCall, kwargs: dict) -> dict:
@@ -171,6 +184,12 @@ def _prepare_latents(self: Any, *args: Any, **kwargs: Any) -> Any:
     return (latents, *out[1:]) if isinstance(out, tuple) else latents
 
 
+def _reduce_ex(self: Any, protocol: int) -> tuple:
+    """Copies and pickles of an accelerated pipeline are plain pipelines of its original class
+    (their UNet a plain copy, :mod:`fxprop.copying`): accelerate a copy again to accelerate it."""
+    return plain_reduce(self, type(self).fxprop_original_class, _ATTR, protocol)
+
+
 class KeyStepsOnly:
     """On a ControlNet: inside an accelerated pipeline's call, its residuals are computed at
     key steps only (encoder propagation reads them there); at other steps the key step's are
@@ -203,7 +222,7 @@ def _accelerated_class(cls: type) -> type:
     """One cached subclass per pipeline class: adds behaviour without touching the class."""
     if cls not in _SUBCLASSES:
         methods: dict[str, Any] = {"__call__": _call, "__module__": __name__,
-                                   "fxprop_original_class": cls}
+                                   "fxprop_original_class": cls, "__reduce_ex__": _reduce_ex}
         if hasattr(cls, "prepare_latents"):
             methods["prepare_latents"] = _prepare_latents
         # The same name: configs (``_class_name`` in save_pretrained) name the user's class.
@@ -265,6 +284,7 @@ def _gate_controlnet(pipe: Any, adapter: PipelineAdapter) -> None:
         add_beneath(controlnet, gate, _GATE)
     gate.gating[adapter.runtime] = adapter
     adapter.controlnet = controlnet
+    copies_plain(controlnet, _GATE)
 
 
 def _ungate_controlnet(adapter: PipelineAdapter) -> None:
@@ -275,6 +295,7 @@ def _ungate_controlnet(adapter: PipelineAdapter) -> None:
         gate.gating.pop(adapter.runtime, None)
         if not gate.gating:
             remove_beneath(adapter.controlnet, _GATE)
+            forget(adapter.controlnet, _GATE)
 
 
 def restore_pipeline(pipe: Any) -> Any:

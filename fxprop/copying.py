@@ -1,0 +1,91 @@
+"""What a copy of something fxprop changed is: the plain object (``copy.deepcopy``, ``pickle``,
+``torch.save``).
+
+fxprop intercepts a UNet (and gates a ControlNet) with diffusers' hook registry, which replaces
+the module's ``forward`` by a closure over the original module: a deep copy would keep calling
+the *original* module's hook and weights, and pickling fails on the closure and on the capture
+cache's lock. So an intercepted module reduces to its state without fxprop's hooks (as after
+:func:`fxprop.restore`): the copy is a plain module, never a second runtime sharing captures of
+another module's parameters. An accelerated pipeline reduces to its original class without its
+adapter. Accelerate the copy again to accelerate it.
+
+The reduction is an instance attribute ``__reduce_ex__`` (pickle and copy look it up on the
+instance), set while fxprop's hook is installed and removed with it, so the user's class is
+never touched.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from torch import nn
+
+__all__ = ["copies_plain", "forget", "plain_reduce"]
+
+_REDUCE = "__reduce_ex__"
+_REGISTRY = "_diffusers_hook"
+
+
+class _PlainReduce:
+    """``module.__reduce_ex__``: the module's reduction without the hooks ``names``."""
+
+    def __init__(self, module: nn.Module, names: frozenset[str]) -> None:
+        self.module, self.names = weakref.ref(module), names
+
+    def __call__(self, protocol: int) -> tuple:
+        module = self.module()
+        func, args, state, *rest = type(module).__reduce_ex__(module, protocol)
+        return (func, args, _without_hooks(module, dict(state or {}), self.names), *rest)
+
+
+def copies_plain(module: nn.Module, *names: str) -> None:
+    """Make copies of ``module`` plain modules without the hooks ``names`` (added to those of
+    an earlier call)."""
+    earlier = module.__dict__.get(_REDUCE)
+    known = earlier.names if isinstance(earlier, _PlainReduce) else frozenset()
+    module.__dict__[_REDUCE] = _PlainReduce(module, known | frozenset(names))
+
+
+def forget(module: nn.Module, *names: str) -> None:
+    """Undo :func:`copies_plain` for ``names`` (all of them gone: plain copying as before)."""
+    earlier = module.__dict__.get(_REDUCE)
+    if not isinstance(earlier, _PlainReduce):
+        return
+    left = earlier.names - frozenset(names)
+    if left:
+        module.__dict__[_REDUCE] = _PlainReduce(module, left)
+    else:
+        del module.__dict__[_REDUCE]
+
+
+def _without_hooks(module: nn.Module, state: dict, names: frozenset[str]) -> dict:
+    """``state`` (a copy of the module's ``__dict__``) as if the hooks ``names`` were removed."""
+    state.pop(_REDUCE, None)
+    registry = state.get(_REGISTRY)
+    if registry is None:
+        return state
+    others = [name for name in registry.hooks if name not in names]
+    if others or "_hf_hook" in state:
+        wrappers = others + (["accelerate's hook"] if "_hf_hook" in state else [])
+        raise TypeError(f"fxprop cannot copy {type(module).__name__}: besides fxprop's hook its "
+                        f"forward is wrapped by {wrappers}, whose copies would call the original "
+                        "module; fxprop.restore() it (or remove those hooks) before copying")
+    del state[_REGISTRY]
+    state.pop("forward", None)  # the registry's closure over the original module
+    return state
+
+
+def plain_reduce(obj: Any, cls: type, attribute: str, protocol: int) -> tuple:
+    """The reduction of ``obj`` as an instance of ``cls`` without ``obj.<attribute>`` (an
+    accelerated pipeline: its original class, no adapter)."""
+    func, args, state, *rest = object.__reduce_ex__(obj, protocol)
+    if args and args[0] is type(obj):  # pickle checks __newobj__'s class: build it ourselves
+        func, args = _new, (cls, *args[1:])
+    state = {k: v for k, v in (state or {}).items() if k != attribute}
+    return (func, args, state, *rest)
+
+
+def _new(cls: type, *args: Any) -> Any:
+    """An uninitialised ``cls`` (what ``copyreg.__newobj__`` makes; the state follows)."""
+    return cls.__new__(cls, *args)

@@ -9,11 +9,16 @@ grad and autocast modes, read at the call that captures it) and one
 compiled or not) is kept with it. The
 cache is a bounded LRU: a UNet that changes often (LoRA load/unload, PAG's processor swap) keeps
 its last :data:`CAPTURE_CACHE_SIZE` captures, and the graphs of states it left are dropped with
-the tensors they hold.
+the tensors they hold. A graph holds the UNet's parameters it read (shared, not copied); when a
+new graph is captured, the graphs holding tensors that are no longer the UNet's (replaced by
+``load_state_dict(assign=True)``, unloaded LoRA layers) are dropped, so a checkpoint swap does
+not keep the old weights alive.
 """
 
 from __future__ import annotations
 
+import itertools
+import operator
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -39,6 +44,7 @@ class Entry:
 
     captured: Captured
     derived: dict[Hashable, Any] = field(default_factory=dict)
+    held: frozenset[int] = frozenset()  # ids of the UNet's tensors it holds (alive with it)
 
     def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
         if key not in self.derived:
@@ -69,17 +75,40 @@ class CaptureCache:
         nothing changed)."""
         return (self._fingerprint(unet), trace_modes(sample.device.type))
 
-    def entry(self, state: Hashable, key: CallKey, capture: Callable[[], Captured]) -> Entry:
-        """The entry of ``(state, key)``, captured by ``capture()`` on a miss."""
+    def entry(self, state: Hashable, key: CallKey, capture: Callable[[], Captured],
+              owner: nn.Module | None = None) -> Entry:
+        """The entry of ``(state, key)``, captured by ``capture()`` from ``owner`` on a miss
+        (then entries holding tensors ``owner`` no longer has are dropped)."""
         with self._lock:
             found = self._entries.get((state, key))
             if found is None:
-                found = self._entries[state, key] = Entry(capture())
+                captured = capture()
+                owned = set() if owner is None else _tensor_ids(owner)
+                found = self._entries[state, key] = Entry(captured,
+                                                          held=_held(captured, owned))
+                if owner is not None:
+                    self._drop_stale(owned)
                 while len(self._entries) > self.size:
                     self._entries.popitem(last=False)
             self._entries.move_to_end((state, key))
             return found
 
+    def _drop_stale(self, owned: set[int]) -> None:
+        for stale in [k for k, e in self._entries.items() if not e.held <= owned]:
+            del self._entries[stale]
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+def _tensor_ids(module: nn.Module) -> set[int]:
+    return {id(t) for t in itertools.chain(module.parameters(), module.buffers())}
+
+
+def _held(captured: Captured, owned: set[int]) -> frozenset[int]:
+    """Which of the tensors ``owned`` (by id) ``captured``'s graph holds."""
+    graph_module = captured.module
+    tensors = [operator.attrgetter(n.target)(graph_module)
+               for n in graph_module.graph.find_nodes(op="get_attr")]
+    return frozenset(i for i in map(id, tensors) if i in owned)

@@ -60,14 +60,20 @@ class PipelineCall(FollowState):
 
 @dataclass
 class PipelineAdapter:
-    """What fxprop added to one pipeline (nothing of any one call)."""
+    """What fxprop added to one pipeline (nothing of any one call). The pipeline owns it (in
+    its ``__dict__``), so it refers to the pipeline weakly: a dropped pipeline is freed with
+    its adapter and runtime, without waiting for the garbage collector."""
 
-    pipe: Any
+    pipe_ref: Any                           # weakref.ref to the pipeline
     runtime: AcceleratedUNet
     original_class: type
     prior_noise: float
     explicit_prior_noise: bool
     controlnet: nn.Module | None = None
+
+    @property
+    def pipe(self) -> Any:
+        return self.pipe_ref()
 
     def new_call(self) -> PipelineCall:
         """A fresh call state, with the prior noise weight this call's scheduler allows."""
@@ -199,12 +205,15 @@ class KeyStepsOnly:
 
     def __init__(self) -> None:
         super().__init__()
-        self.gating: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> adapter
+        # runtime -> weakref to its adapter (which holds the runtime: a strong value would keep
+        # the key, and with it every per-request pipeline, alive)
+        self.gating: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         original = self.fn_ref.original_forward
         scope = active_scope()
-        adapter = None if scope is None else self.gating.get(scope.follower)
+        ref = None if scope is None else self.gating.get(scope.follower)
+        adapter = None if ref is None else ref()
         if adapter is None or not isinstance(scope.state, PipelineCall):
             return original(*args, **kwargs)
         call, key = scope.state, flatten_call(original, args, kwargs).key
@@ -259,8 +268,9 @@ def accelerate_pipeline(pipe: Any, policy: Policy, explicit_prior_noise: bool,
     cls = type(pipe) if previous is None else previous.original_class
     prior_noise = _resolve_prior_noise(pipe, cls, policy, explicit_prior_noise)
     runtime = AcceleratedUNet(pipe.unet, policy, compile=compile)  # shares the UNet's captures
-    runtime.timestep_source = lambda: pipe.scheduler
-    adapter = PipelineAdapter(pipe, runtime, cls, prior_noise, explicit_prior_noise)
+    ref = weakref.ref(pipe)
+    runtime.timestep_source = lambda: ref().scheduler  # weak: the pipeline owns the runtime
+    adapter = PipelineAdapter(ref, runtime, cls, prior_noise, explicit_prior_noise)
     try:
         adapter.prior_noise_for(pipe.scheduler)  # an explicit weight it cannot take: raise now
     except ValueError:
@@ -282,7 +292,7 @@ def _gate_controlnet(pipe: Any, adapter: PipelineAdapter) -> None:
     if gate is None:
         gate = as_model_hook(KeyStepsOnly)()
         add_beneath(controlnet, gate, _GATE)
-    gate.gating[adapter.runtime] = adapter
+    gate.gating[adapter.runtime] = weakref.ref(adapter)
     adapter.controlnet = controlnet
     copies_plain(controlnet, _GATE)
 

@@ -155,7 +155,8 @@ class AcceleratedUNet(PlanFollower):
         captured (and, with ``compile=``, wrapped by ``torch.compile``) on first use; cached
         in the UNet's capture cache."""
         state = self.model_state(call) if state is None else state
-        entry = self._intercept.captures.entry(state, call.key, lambda: self._capture(call))
+        entry = self._intercept.captures.entry(state, call.key, lambda: self._capture(call),
+                                               self.unet)
         parts = entry.get(("parts", self.policy.cut_id, self.layout, repr(self.compile_options)),
                           lambda: compile_parts(self._split(entry.captured),
                                                 self.compile_options))
@@ -258,7 +259,7 @@ class AcceleratedUNet(PlanFollower):
         """Parts of the UNet captured at ``times`` x this call's batch (cached with the
         captured graph of ``call``)."""
         entry = self._intercept.captures.entry(gen.model_state, call.key,
-                                               lambda: self._capture(call))
+                                               lambda: self._capture(call), self.unet)
 
         def make() -> Parts:
             repeated = repeated_call(self._intercept.original_forward, call, times,

@@ -5,12 +5,14 @@ captures hold no parameters the UNet no longer has."""
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import pickle
+import weakref
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
 import fxprop
 from conftest import controlnet_pipeline, decoder_attn_unet, sd_pipeline
@@ -88,3 +90,39 @@ def test_a_replaced_unet_is_followed(pipes):
         pipe.unet = plain.unet = old
     run(pipe)
     assert fxprop.runtime_of(pipe).unet is old
+
+
+def test_dropped_per_request_pipelines_are_freed_and_restore_undoes_everything():
+    """Row 7: per-request ``accelerate(from_pipe(pipe))`` pipelines stayed alive (the ControlNet
+    gate's dict held each runtime through its adapter), so after ``restore(base)`` the UNet was
+    still intercepted and the ControlNet still gated."""
+    base = fxprop.accelerate(controlnet_pipeline(decoder_attn_unet()), key_steps=[0, 2])
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    run(base, image=image)
+    requests = []
+    for seed in range(3):
+        request = fxprop.accelerate(StableDiffusionControlNetPipeline.from_pipe(base),
+                                    key_steps=[0, 2])
+        run(request, seed, image=image)
+        requests.append((weakref.ref(request), weakref.ref(fxprop.runtime_of(request))))
+        del request
+    assert all(p() is None and r() is None for p, r in requests)  # freed at once, no gc needed
+    fxprop.restore(base)
+    assert intercepted(base.unet) is None
+    assert not getattr(base.controlnet, "_diffusers_hook", None) or not \
+        base.controlnet._diffusers_hook.hooks
+
+
+def test_captures_hold_no_weights_the_unet_no_longer_has():
+    """Row 8: checkpoint swaps with ``load_state_dict(assign=True)``; the captures of earlier
+    swaps held every old set of weights (6 swaps: 6x the UNet's weights)."""
+    pipe, plain = accelerated_and_plain()
+    old = []
+    for seed in range(3):
+        weights = decoder_attn_unet(seed=seed + 1).state_dict()
+        old.append(weakref.ref(pipe.unet.conv_in.weight))
+        pipe.unet.load_state_dict(weights, assign=True)
+        del weights
+        torch.testing.assert_close(run(pipe), run(plain), rtol=0, atol=1e-5)
+    gc.collect()
+    assert all(ref() is None for ref in old)

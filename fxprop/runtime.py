@@ -31,7 +31,7 @@ from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
 from .distributed import (Ranks, agree, gather, local_call, own_steps, plan_digest,
                           ranks_of)
-from .copying import copies_plain, forget
+from .copying import bound_to, copies_plain, forget, shallow_tree
 from .follow import FollowState, Generation, PlanFollower, Scope, TimestepSource, scoped
 from .intercept import NAME, NOT_PLANNED, check_hooks, intercept, intercepted, release
 from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
@@ -168,8 +168,14 @@ class AcceleratedUNet(PlanFollower):
         return captured, self._split(captured)
 
     def _capture(self, call: FlatCall) -> Captured:
+        """Capture the UNet for ``call``, traced on a shallow copy of its module tree (another
+        thread may be running the live UNet: see :func:`~fxprop.copying.shallow_tree`)."""
         check_hooks(self.unet)  # hooks added since accelerate() would be skipped: refuse
-        return capture(self.unet, call, self._intercept.original_forward)
+        tree = shallow_tree(self.unet)
+        forward = bound_to(self._intercept.original_forward, tree, self.unet)
+        if forward is None:  # a forward fxprop cannot rebind: trace the live module
+            tree, forward = self.unet, self._intercept.original_forward
+        return capture(tree, call, forward)
 
     def _split(self, captured: Captured) -> Parts:
         return split(captured, self.policy.cut(captured, self.layout))

@@ -16,6 +16,7 @@ capture.
 from __future__ import annotations
 
 import functools
+import hashlib
 import operator
 import types
 from typing import Any
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["fingerprint", "Fingerprinter", "trace_modes", "skipped_hooks", "replaced_forward"]
+__all__ = ["fingerprint", "Fingerprinter", "portable_fingerprint", "trace_modes",
+           "skipped_hooks", "replaced_forward"]
 
 #: Module attributes digested on their own (parameters and buffers by identity, dtype and
 #: device; submodules by the walk itself).
@@ -185,6 +187,53 @@ def _digest(value: Any, depth: int) -> Any:
     if depth < _DEPTH and attributes is not None and not isinstance(value, _FUNCTIONS):
         return (type(value), tuple((k, _digest(v, depth + 1)) for k, v in attributes.items()))
     return (type(value), id(value))
+
+
+def portable_fingerprint(module: nn.Module) -> int:
+    """What :func:`fingerprint` reads, without object identities or device indices: equal in
+    two processes holding equal modules (the ranks of a process group compare it). A full walk
+    (tens of ms for SD-1.5): read once per distributed generation. A 48-bit integer."""
+    sha = hashlib.sha1()
+    for path, sub in module.named_modules():
+        skip = _root_skip if sub is module else None
+        attributes = tuple((k, _portable(v, 0)) for k, v in sub.__dict__.items()
+                           if k not in _OWN and not (skip and skip(k)))
+        tensors = tuple((k, _portable(t, 0)) for k, t in (*sub._parameters.items(),
+                                                           *sub._buffers.items()))
+        sha.update(repr((path, _qualname(type(sub)), attributes, tensors)).encode())
+    return int(sha.hexdigest()[:12], 16)
+
+
+def _portable(value: Any, depth: int) -> Any:
+    """:func:`_digest` with names for identities (see :func:`portable_fingerprint`)."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype)):
+        return value
+    if isinstance(value, torch.device):
+        return value.type
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(value.shape), value.device.type)
+    if isinstance(value, type):
+        return _qualname(value)
+    if isinstance(value, nn.Module):
+        return ("module", _qualname(type(value)))
+    if isinstance(value, _FUNCTIONS):
+        return ("function", _name(value))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_portable(v, depth) for v in value]
+        return (type(value).__name__, tuple(sorted(items, key=repr) if isinstance(
+            value, (set, frozenset)) else items))
+    if isinstance(value, dict):
+        return ("dict", tuple((_portable(k, depth), _portable(v, depth))
+                              for k, v in value.items()))
+    attributes = getattr(value, "__dict__", None)
+    if depth < _DEPTH and attributes is not None:
+        return (_qualname(type(value)), tuple((k, _portable(v, depth + 1))
+                                              for k, v in attributes.items()))
+    return _qualname(type(value))
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def skipped_hooks(module: nn.Module) -> list[str]:

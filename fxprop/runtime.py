@@ -29,8 +29,8 @@ from torch.profiler import record_function
 from .capture import Captured, FlatCall, capture, flatten_call
 from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
-from .distributed import (Ranks, agree, gather, local_call, own_steps, plan_digest,
-                          ranks_of)
+from .distributed import (Ranks, agree, gather, inputs_digest, local_call, own_steps,
+                          plan_digest, ranks_of)
 from .copying import bound_to, copies_plain, forget, shallow_tree
 from .follow import FollowState, Generation, PlanFollower, Scope, TimestepSource, scoped
 from .intercept import NAME, NOT_PLANNED, check_hooks, intercept, intercepted, release
@@ -188,8 +188,9 @@ class AcceleratedUNet(PlanFollower):
         if self.ranks is None:
             return call
         if not gen.agreed:
-            agree(self.ranks, plan_digest(gen.plan, call, repr(self.policy)),
-                  call.tensors[0].device)
+            device = call.tensors[0].device
+            agree(self.ranks, plan_digest(gen.plan, call, repr(self.policy), self.unet), device)
+            agree(self.ranks, inputs_digest(call), device)  # the same fields: shapes agree
             gen.agreed = True
         return local_call(self._intercept.original_forward, call, self.ranks)
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from .capture import CallKey, Captured
 from .fingerprint import Fingerprinter, trace_modes
+from .purity import SideEffects
 
 __all__ = ["CaptureCache", "Entry", "CAPTURE_CACHE_SIZE"]
 
@@ -42,9 +43,10 @@ CAPTURE_CACHE_SIZE = 8
 class Entry:
     """One captured graph and what runtimes derived from it (parts per cut and options)."""
 
-    captured: Captured
+    captured: Captured | None
     derived: dict[Hashable, Any] = field(default_factory=dict)
     held: frozenset[int] = frozenset()  # ids of the UNet's tensors it holds (alive with it)
+    refused: SideEffects | None = None  # the state cannot be captured (not traced again)
 
     def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
         if key not in self.derived:
@@ -81,8 +83,14 @@ class CaptureCache:
         (then entries holding tensors ``owner`` no longer has are dropped)."""
         with self._lock:
             found = self._entries.get((state, key))
+            if found is not None and found.refused is not None:
+                raise found.refused
             if found is None:
-                captured = capture()
+                try:
+                    captured = capture()
+                except SideEffects as err:
+                    self._entries[state, key] = Entry(None, refused=err)
+                    raise
                 owned = set() if owner is None else _tensor_ids(owner)
                 found = self._entries[state, key] = Entry(captured,
                                                           held=_held(captured, owned))

@@ -28,6 +28,7 @@ from torch import nn
 __all__ = ["copies_plain", "forget", "plain_reduce", "shallow_tree", "bound_to"]
 
 _REDUCE = "__reduce_ex__"
+_OWN = frozenset({"_parameters", "_buffers", "_modules"})
 _REGISTRY = "_diffusers_hook"
 
 
@@ -95,18 +96,23 @@ def _new(cls: type, *args: Any) -> Any:
     return cls.__new__(cls, *args)
 
 
-def shallow_tree(root: nn.Module) -> nn.Module:
+def shallow_tree(root: nn.Module, isolate: Any = None) -> nn.Module:
     """``root``'s module tree as new module objects (each with copies of its parameter, buffer
     and submodule dicts) holding the same tensors and attribute values, without ``root``'s
     call wrappers: a capture that swaps tensors into it leaves the live modules untouched, and
     the graph it records reads the live parameters. About 2 ms for SD-1.5, once per capture;
-    measured against a per-UNet lock, it lets other threads keep running the UNet meanwhile."""
+    measured against a per-UNet lock, it lets other threads keep running the UNet meanwhile.
+    ``isolate(value, memo)`` may replace attribute values (one ``memo`` for the tree):
+    :func:`fxprop.purity.isolated` copies processors whose side effects must not reach the
+    user's objects."""
     copies: dict[int, nn.Module] = {}
+    memo: dict = {}
 
     def copy_of(module: nn.Module) -> nn.Module:
         if id(module) not in copies:
             new = copies[id(module)] = object.__new__(type(module))
-            new.__dict__.update(module.__dict__)
+            new.__dict__.update(module.__dict__ if isolate is None else {
+                k: v if k in _OWN else isolate(v, memo) for k, v in module.__dict__.items()})
             new.__dict__["_parameters"] = dict(module._parameters)
             new.__dict__["_buffers"] = dict(module._buffers)
             new.__dict__["_modules"] = {k: None if m is None else copy_of(m)

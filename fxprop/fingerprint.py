@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["fingerprint", "Fingerprinter", "portable_fingerprint", "trace_modes",
+__all__ = ["fingerprint", "Fingerprinter", "portable_fingerprint", "portable_digests", "trace_modes",
            "skipped_hooks", "replaced_forward"]
 
 #: Module attributes digested on their own (parameters and buffers by identity, dtype and
@@ -33,7 +34,8 @@ _OWN = frozenset({"_parameters", "_buffers", "_modules"})
 #: The root module's call wrappers (its hooks, accelerate's and diffusers' hook registries, a
 #: replaced ``forward``): they run around the captured forward, not inside it, and accelerate's
 #: model offload makes them anew at every pipeline call.
-_CALL_WRAPPERS = frozenset({"forward", "_old_forward", "_hf_hook", "_diffusers_hook"})
+_CALL_WRAPPERS = frozenset({"forward", "_old_forward", "_hf_hook", "_diffusers_hook",
+                            "__reduce_ex__"})  # the last: how fxprop's copies reduce
 #: How deep plain objects (attention processors, hook objects) are digested by value.
 _DEPTH = 2
 #: Functions are digested by identity (processors, which are callable objects, by value).
@@ -194,14 +196,23 @@ def portable_fingerprint(module: nn.Module) -> int:
     two processes holding equal modules (the ranks of a process group compare it). A full walk
     (tens of ms for SD-1.5): read once per distributed generation. A 48-bit integer."""
     sha = hashlib.sha1()
+    for digest in portable_digests(module).items():
+        sha.update(repr(digest).encode())
+    return int(sha.hexdigest()[:12], 16)
+
+
+def portable_digests(module: nn.Module) -> dict[str, tuple]:
+    """Each submodule's part of :func:`portable_fingerprint`, by path: two module trees
+    compare module by module (a trace's side effects are found this way)."""
+    found = {}
     for path, sub in module.named_modules():
         skip = _root_skip if sub is module else None
         attributes = tuple((k, _portable(v, 0)) for k, v in sub.__dict__.items()
                            if k not in _OWN and not (skip and skip(k)))
         tensors = tuple((k, _portable(t, 0)) for k, t in (*sub._parameters.items(),
                                                            *sub._buffers.items()))
-        sha.update(repr((path, _qualname(type(sub)), attributes, tensors)).encode())
-    return int(sha.hexdigest()[:12], 16)
+        found[path] = (_qualname(type(sub)), attributes, tensors)
+    return found
 
 
 def _portable(value: Any, depth: int) -> Any:
@@ -211,7 +222,8 @@ def _portable(value: Any, depth: int) -> Any:
     if isinstance(value, torch.device):
         return value.type
     if isinstance(value, torch.Tensor):
-        return ("tensor", value.dtype, tuple(value.shape), value.device.type)
+        kind = "fake tensor" if isinstance(value, FakeTensor) else "tensor"
+        return (kind, value.dtype, tuple(value.shape), value.device.type)
     if isinstance(value, type):
         return _qualname(value)
     if isinstance(value, nn.Module):

@@ -29,14 +29,16 @@ from torch.profiler import record_function
 from .capture import Captured, FlatCall, capture, flatten_call
 from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
+from .copying import bound_to, copies_plain, forget, shallow_tree
 from .distributed import (Ranks, agree, gather, inputs_digest, local_call, own_steps,
                           plan_digest, ranks_of)
-from .copying import bound_to, copies_plain, forget, shallow_tree
+from .fingerprint import portable_digests
 from .follow import FollowState, Generation, PlanFollower, Scope, TimestepSource, scoped
 from .intercept import NAME, NOT_PLANNED, check_hooks, intercept, intercepted, release
 from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
                        repeated_call, steps_per_call, timestep_vector)
 from .plan import Plan
+from .purity import SideEffects, check_no_side_effects, isolated
 from .regions import resolve_layout
 from .split import Parts, split
 
@@ -124,11 +126,20 @@ class AcceleratedUNet(PlanFollower):
     def planned(self, args: tuple, kwargs: dict) -> Any:
         """The UNet's output by the plan, or ``NOT_PLANNED`` (the caller runs the original)."""
         call = flatten_call(self._intercept.original_forward, args, kwargs)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in call.tensors):
+            # a call differentiated by its caller (Attend-and-Excite's latent updates): its
+            # Python (processors storing attention maps) must run; not a step of the plan
+            return NOT_PLANNED
         gen = self._on_plan(call.timestep)
         if gen is None or not self._same_state(gen, self.model_state(call)):
             return NOT_PLANNED
         call = self._local(gen, call)
-        captured, parts = self.parts_for(call, gen.model_state)  # may raise: step not consumed
+        try:
+            captured, parts = self.parts_for(call, gen.model_state)  # may raise: not consumed
+        except SideEffects as err:  # the whole UNet runs its Python at every step
+            gen.leave_plan()
+            self._warn(str(err))
+            return NOT_PLANNED
         out = self.run_planned(gen, call, parts)
         if out is None:
             return NOT_PLANNED
@@ -171,11 +182,14 @@ class AcceleratedUNet(PlanFollower):
         """Capture the UNet for ``call``, traced on a shallow copy of its module tree (another
         thread may be running the live UNet: see :func:`~fxprop.copying.shallow_tree`)."""
         check_hooks(self.unet)  # hooks added since accelerate() would be skipped: refuse
-        tree = shallow_tree(self.unet)
+        before = portable_digests(self.unet)
+        tree = shallow_tree(self.unet, isolated)
         forward = bound_to(self._intercept.original_forward, tree, self.unet)
         if forward is None:  # a forward fxprop cannot rebind: trace the live module
             tree, forward = self.unet, self._intercept.original_forward
-        return capture(tree, call, forward)
+        captured = capture(tree, call, forward)
+        check_no_side_effects(self.unet, tree, before)  # e.g. an attention store: refuse
+        return captured
 
     def _split(self, captured: Captured) -> Parts:
         return split(captured, self.policy.cut(captured, self.layout))

@@ -146,3 +146,59 @@ def test_ip_adapter_cutoff_in_parallel_mode_does_not_reach_the_next_request(ip_p
     pipe.set_ip_adapter_scale(1.0)
     after = run(pipe, ip_adapter_image_embeds=EMBEDS)
     _close(after, _fresh(pipe, ip_adapter_image_embeds=EMBEDS), "the next request")
+
+
+class StoringProcessor:
+    """A prompt-to-prompt style processor: counts its calls, stores what it computed, and
+    weights its output by the parity of its count (a step-dependent edit)."""
+
+    def __init__(self, store: list) -> None:
+        self.store, self.calls = store, 0
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        from diffusers.models.attention_processor import AttnProcessor
+        self.calls += 1
+        out = AttnProcessor()(attn, hidden_states, *args, **kwargs)
+        self.store.append(out.detach())
+        return out * (1.0 + 0.5 * (self.calls % 2))
+
+
+def _storing(unet) -> list:
+    store: list = []
+    unet.set_attn_processor({name: StoringProcessor(store) for name in unet.attn_processors})
+    return store
+
+
+def test_a_processor_with_python_side_effects_runs_whole_with_a_warning():
+    """Row 5: the trace ran the processor once on fake tensors (the store received FakeTensors,
+    the counter advanced once), the graph replayed none of it: off by 0.16, no warning."""
+    pipe, plain = accelerated_and_plain()
+    store = _storing(plain.unet)
+    reference = run(plain)
+    stored = len(store)
+    store = _storing(pipe.unet)
+    with pytest.warns(UserWarning, match=r"changed Python state of .*StoringProcessor"):
+        out = run(pipe)
+    _close(out, reference, "with a storing processor")
+    assert len(store) == stored and not any(
+        isinstance(x, torch._subclasses.fake_tensor.FakeTensor) for x in store)
+    from diffusers.models.attention_processor import AttnProcessor
+    pipe.unet.set_attn_processor(AttnProcessor())  # a pure processor again: accelerated
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _close(run(pipe), run(plain), "with the default processor")
+    assert not [w for w in record if "fxprop" in str(w.message)]
+
+
+def test_attend_and_excite_runs_its_gradient_calls_whole():
+    """Row 5b: Attend-and-Excite's latent updates call the UNet with inputs that require grad,
+    and read the attention maps its processors store: a captured graph stored none
+    (``KeyError: 'up'``). Such calls now run the UNet itself; the planned ones are accelerated."""
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+    pipe = sd_pipeline(StableDiffusionAttendAndExcitePipeline, unet=decoder_attn_unet())
+    plain = StableDiffusionAttendAndExcitePipeline(**pipe.components)
+    kwargs = dict(prompt=None, token_indices=[1, 2], max_iter_to_alter=2, attn_res=(8, 8))
+    reference = run(plain, **kwargs)
+    fxprop.accelerate(pipe, key_steps=1, prior_noise=0)
+    _close(run(pipe, **kwargs), reference, "Attend-and-Excite")
+    assert fxprop.runtime_of(pipe).captures

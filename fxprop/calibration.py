@@ -2,7 +2,8 @@
 
 :class:`Calibration` is what :func:`fxprop.calibrate.calibrate` returns: the reuse mode, branch,
 forecast order and key steps it chose, what it was calibrated for (step count, scheduler class,
-model: its class, config and a digest of its weights) and what it predicts (FLOP-ideal speedup, error, the error of every step).
+model: its class, config and a digest of its weights) and what it predicts (FLOP-ideal
+speedup, error, the error of every step).
 It is saved and loaded as JSON, and turns into the keyword arguments of ``fxprop.accelerate``
 only for the step count and scheduler it was measured on (:meth:`accelerate_options`).
 """

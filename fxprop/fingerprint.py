@@ -7,7 +7,11 @@ and which tensor objects are its parameters. :func:`fingerprint` hashes exactly 
 every module's attributes, so no list of methods that change a UNet has to be kept in step
 with diffusers: a capture is reused only while the fingerprint is unchanged. Parameter *values*
 are not part of it: captured graphs read the live parameters, so in-place edits need no new
-capture.
+capture. The grad and autocast modes a trace also bakes in are read by :func:`trace_modes`.
+
+:class:`Fingerprinter` reads the fingerprint again at every UNet call at a fraction of its cost
+(only modules whose attributes changed are digested again); :func:`portable_fingerprint` is
+its information without object identities, which processes compare.
 
 :func:`skipped_hooks` names the hooks a captured graph would not run: those of submodules
 (the graph inlines them) such as accelerate's sequential offload.
@@ -25,8 +29,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["fingerprint", "Fingerprinter", "portable_fingerprint", "portable_digests", "trace_modes",
-           "skipped_hooks", "replaced_forward"]
+__all__ = ["fingerprint", "Fingerprinter", "portable_fingerprint", "portable_digests",
+           "trace_modes", "skipped_hooks", "replaced_forward"]
 
 #: Module attributes digested on their own (parameters and buffers by identity, dtype and
 #: device; submodules by the walk itself).

@@ -9,10 +9,12 @@ cache, keyed by the state they are taken in (:meth:`~fxprop.cache.CaptureCache.s
 UNet's fingerprint and the grad and autocast modes, read at every call) and the call signature.
 A state that changes within a generation (a callback toggling FreeU or an IP-Adapter scale) is
 seen at the next key step; at a non-key step the frontier was computed in the old state, so
-the generation leaves its plan and runs the whole UNet, with one warning. Cross-step state belongs to the generation, which belongs
-to its scope: the last key frontiers (:mod:`fxprop.forecast`) and, in parallel mode, the
-outputs of the current chunk of steps (:mod:`fxprop.parallel`). Any call that does not match
-the plan runs the original forward, which is always correct, and warns once.
+the generation leaves its plan and runs the whole UNet, with one warning. Captures trace a
+shallow copy of the UNet's module tree and refuse processors with Python side effects
+(:mod:`fxprop.copying`, :mod:`fxprop.purity`). Cross-step state belongs to the generation,
+which belongs to its scope: the last key frontiers (:mod:`fxprop.forecast`) and, in parallel
+mode, the outputs of the current chunk of steps (:mod:`fxprop.parallel`). Any call that does
+not match the plan runs the original forward, which is always correct, and warns once.
 """
 
 from __future__ import annotations

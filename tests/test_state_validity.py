@@ -25,6 +25,11 @@ FREEU = dict(s1=0.9, s2=0.2, b1=1.4, b2=1.6)
 EMBEDS = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(4))]
 
 
+def _ip_cutoff(step: int) -> IPAdapterScaleCutoffCallback:
+    """diffusers' stock callback that sets the IP-Adapter scale to 0 after ``step``."""
+    return IPAdapterScaleCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=step)
+
+
 def _close(actual, expected, what, atol=1e-5):
     torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda m: f"{what}: {m}")
 
@@ -111,7 +116,7 @@ def test_ip_adapter_cutoff_is_seen_at_the_next_step(ip_pipes):
     for twin in (plain, pipe):
         twin.set_ip_adapter_scale(1.0)
         outs.append(run(twin, ip_adapter_image_embeds=EMBEDS,
-                        callback_on_step_end=IPAdapterScaleCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)))
+                        callback_on_step_end=_ip_cutoff(1)))
     _close(outs[1], outs[0], "IP-Adapter scale cut at step 1")
     pipe.set_ip_adapter_scale(1.0)
     assert_differs(outs[0], run(plain, ip_adapter_image_embeds=EMBEDS), 1e-4, "with and without")
@@ -122,7 +127,7 @@ def test_a_change_before_a_non_key_step_runs_the_whole_unet_with_a_warning(ip_pi
     at scale 1, so the generation runs the whole UNet from there: keys [0, 2, 3] exactly."""
     pipe, _ = ip_pipes
     kwargs = dict(ip_adapter_image_embeds=EMBEDS,
-                  callback_on_step_end=IPAdapterScaleCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1))
+                  callback_on_step_end=_ip_cutoff(1))
     fxprop.accelerate(pipe, key_steps=[0, 2, 3], prior_noise=0)
     pipe.set_ip_adapter_scale(1.0)
     reference = run(pipe, **kwargs)
@@ -142,7 +147,7 @@ def test_ip_adapter_cutoff_in_parallel_mode_does_not_reach_the_next_request(ip_p
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the cut at step 1 is followed by a chunk's step 2
         run(pipe, ip_adapter_image_embeds=EMBEDS,
-            callback_on_step_end=IPAdapterScaleCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0))
+            callback_on_step_end=_ip_cutoff(0))
     pipe.set_ip_adapter_scale(1.0)
     after = run(pipe, ip_adapter_image_embeds=EMBEDS)
     _close(after, _fresh(pipe, ip_adapter_image_embeds=EMBEDS), "the next request")

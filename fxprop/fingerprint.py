@@ -52,8 +52,8 @@ def fingerprint(module: nn.Module) -> int:
     Costs one walk over the module tree (about 20 ms for an SD-1.5 UNet on one CPU thread);
     :class:`Fingerprinter` gives the same value at a fraction of that when little changed.
     """
-    root = _root_digest(module)
-    return hash((root, *(_module_digest(m) for m in module.modules() if m is not module)))
+    root = hash(_root_digest(module))
+    return hash((root, *(hash(_module_digest(m)) for m in module.modules() if m is not module)))
 
 
 def _root_skip(key: str) -> bool:
@@ -92,7 +92,7 @@ class Fingerprinter:
         if root is not module or not all(e.valid() for e in entries):
             entries = [_current(memo.get(id(m)), m, m is module) for m in module.modules()]
             self._last = (module, {id(e.module): e for e in entries})
-        return hash(tuple(e.digest for e in entries))
+        return hash(tuple(e.hash for e in entries))
 
 
 _CONTAINERS = (dict, list, set, tuple, frozenset)
@@ -108,7 +108,7 @@ def _current(entry: "_Memo | None", module: nn.Module, root: bool) -> "_Memo":
 class _Memo:
     """One module's digest and what it was computed from (see :class:`Fingerprinter`)."""
 
-    __slots__ = ("module", "type", "keys", "values", "empty", "full", "state", "digest")
+    __slots__ = ("module", "type", "keys", "values", "empty", "full", "state", "digest", "hash")
 
     def __init__(self, module: nn.Module, root: bool) -> None:
         skip = _root_skip if root else None
@@ -123,6 +123,7 @@ class _Memo:
         self.full = tuple((v, _of_tensors(v)) for v in full)
         self.state = self._state()
         self.digest = (_root_digest(module) if root else _module_digest(module))
+        self.hash = hash(self.digest)  # tuples do not cache their hash: nested ones cost
 
     def _state(self) -> tuple:
         return tuple(_shallow(v) if quick else _digest(v, 0) for v, quick in self.full)
@@ -156,7 +157,9 @@ def _mutable(value: Any) -> bool:
         return False
     if kind is tuple or kind is frozenset:
         return not all(type(v) in _IMMUTABLE for v in value)
-    return True
+    # diffusers' configs (FrozenDict) refuse every change once made; register_to_config sets
+    # a new one. The one class of a library named here: 17 of them cost a third of a read.
+    return not getattr(value, "_FrozenDict__frozen", False)
 
 
 def _module_digest(module: nn.Module, skip: Any = None) -> tuple:

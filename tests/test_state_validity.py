@@ -207,3 +207,32 @@ def test_attend_and_excite_runs_its_gradient_calls_whole():
     fxprop.accelerate(pipe, key_steps=1, prior_noise=0)
     _close(run(pipe, **kwargs), reference, "Attend-and-Excite")
     assert fxprop.runtime_of(pipe).captures
+
+
+def test_the_per_call_fingerprint_sees_every_change_a_full_read_sees():
+    """The memoised read (:class:`fxprop.fingerprint.Fingerprinter`) equals ``fingerprint`` and
+    changes with it, change after change (each kind of change its memo could miss)."""
+    from diffusers.models.attention_processor import AttnProcessor
+    from fxprop.fingerprint import Fingerprinter
+    unet, read = decoder_attn_unet(), Fingerprinter()
+    changes = {
+        "FreeU": lambda: unet.enable_freeu(**FREEU),
+        "a processor object": lambda: unet.set_attn_processor(AttnProcessor()),
+        "a processor's attribute": lambda: setattr(
+            unet.up_blocks[1].attentions[0].transformer_blocks[0].attn1.processor, "x", 1),
+        "a replaced parameter": lambda: setattr(unet.conv_in, "weight", torch.nn.Parameter(
+            unet.conv_in.weight.detach().clone())),
+        "dtype in place (.data)": lambda: setattr(unet.conv_out.weight, "data",
+                                                  unet.conv_out.weight.data.double()),
+        "a submodule hook": lambda: unet.conv_in.register_forward_hook(lambda *a: None),
+        "a replaced submodule": lambda: setattr(unet, "conv_act", torch.nn.SiLU()),
+        "the config": lambda: unet.register_to_config(note="changed"),
+        "a new attribute": lambda: setattr(unet.mid_block, "flag", True),
+    }
+    seen = {read(unet)}
+    assert read(unet) == fxprop.fingerprint(unet)
+    for what, change in changes.items():
+        change()
+        assert read(unet) == fxprop.fingerprint(unet), what
+        assert read(unet) not in seen, f"{what} was not seen"
+        seen.add(read(unet))

@@ -15,7 +15,8 @@ into the module it traces; another thread's eager call of the UNet would compute
 
 The reduction is an instance attribute ``__reduce_ex__`` (pickle and copy look it up on the
 instance), set while fxprop's hook is installed and removed with it, so the user's class is
-never touched.
+never touched. It never raises: wrappers above fxprop's (accelerate's offload hook, other
+diffusers hooks) are left out of the copy too, which is the bare module.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ _REGISTRY = "_diffusers_hook"
 
 
 class _PlainReduce:
-    """``module.__reduce_ex__``: the module's reduction without the hooks ``names``."""
+    """``module.__reduce_ex__``: the bare module's reduction (``names``: fxprop's hooks on it,
+    which keep this reduction installed until the last is removed)."""
 
     def __init__(self, module: nn.Module, names: frozenset[str]) -> None:
         self.module, self.names = weakref.ref(module), names
@@ -41,7 +43,7 @@ class _PlainReduce:
     def __call__(self, protocol: int) -> tuple:
         module = self.module()
         func, args, state, *rest = type(module).__reduce_ex__(module, protocol)
-        return (func, args, _without_hooks(module, dict(state or {}), self.names), *rest)
+        return (func, args, _without_hooks(dict(state or {})), *rest)
 
 
 def copies_plain(module: nn.Module, *names: str) -> None:
@@ -64,20 +66,18 @@ def forget(module: nn.Module, *names: str) -> None:
         del module.__dict__[_REDUCE]
 
 
-def _without_hooks(module: nn.Module, state: dict, names: frozenset[str]) -> dict:
-    """``state`` (a copy of the module's ``__dict__``) as if the hooks ``names`` were removed."""
-    state.pop(_REDUCE, None)
-    registry = state.get(_REGISTRY)
-    if registry is None:
-        return state
-    others = [name for name in registry.hooks if name not in names]
-    if others or "_hf_hook" in state:
-        wrappers = others + (["accelerate's hook"] if "_hf_hook" in state else [])
-        raise TypeError(f"fxprop cannot copy {type(module).__name__}: besides fxprop's hook its "
-                        f"forward is wrapped by {wrappers}, whose copies would call the original "
-                        "module; fxprop.restore() it (or remove those hooks) before copying")
-    del state[_REGISTRY]
-    state.pop("forward", None)  # the registry's closure over the original module
+#: The root's call wrappers a copy leaves out: fxprop's (and diffusers') hook registry,
+#: accelerate's offload hook, and the instance ``forward`` they install (closures over the
+#: original module: a copy keeping them would call the original).
+_WRAPPERS = (_REGISTRY, "forward", "_hf_hook", "_old_forward", _REDUCE)
+
+
+def _without_hooks(state: dict) -> dict:
+    """``state`` (a copy of the module's ``__dict__``) as the bare module: its class's
+    forward, no hooks on it (accelerate's offload and other diffusers hooks are left out too;
+    the copy is a plain module to accelerate, offload or hook again)."""
+    for wrapper in _WRAPPERS:
+        state.pop(wrapper, None)
     return state
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import nn
 
+from .calls import waiting_for
 from .capture import CallKey, Captured
 from .fingerprint import Fingerprinter, trace_modes
 from .purity import SideEffects
@@ -81,7 +82,7 @@ class CaptureCache:
               owner: nn.Module | None = None) -> Entry:
         """The entry of ``(state, key)``, captured by ``capture()`` from ``owner`` on a miss
         (then entries holding tensors ``owner`` no longer has are dropped)."""
-        with self._lock:
+        with waiting_for(self._lock):  # the holder may be capturing: see fxprop.calls
             found = self._entries.get((state, key))
             if found is not None and found.refused is not None:
                 raise found.refused

@@ -18,7 +18,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
+from .calls import capturing
 from .graph import placeholders
+from .stacks import canonical_stacks
+from .twin import rebind, twin
 
 __all__ = ["CallKey", "FlatCall", "Captured", "flatten_call", "capture", "normalise_timestep",
            "path_name", "TENSOR"]
@@ -165,26 +168,32 @@ def capture(unet: nn.Module, call: FlatCall, forward: Callable | None = None) ->
 
     ``forward``: what to trace instead of calling ``unet`` (the forward beneath fxprop's own
     interception, so that the capture neither re-enters it nor traces hooks above it)."""
-    flat = _FlatUNet(unet, call, forward)
-    with torch.no_grad():
-        try:
-            exported = torch.export.export(flat, tuple(call.tensors), strict=False)
-        except Exception as err:  # export raises many types: keep the type, name the model
-            context = f"fxprop could not capture {type(unet).__name__} with torch.export"
-            again = _same_type(err, f"{context}: {err}")
-            if again is None:
-                err.add_note(context)
-                raise
-            raise again from err
-    if _mutates(exported.graph):
-        # In-place ops (e.g. FreeU's ``h[:, :n] *= b``) have no users, so cutting the graph by
-        # data dependencies would drop them: make the graph functional first.
-        with torch.no_grad():
+    double = twin(unet)  # export swaps fake tensors into the twin, never into the user's UNet
+    flat = _FlatUNet(double, call, rebind(forward, unet, double))
+    with torch.no_grad(), capturing(unet):  # no other thread runs the UNet meanwhile
+        exported = _export(flat, call, type(unet).__name__)
+        if _mutates(exported.graph):
+            # In-place ops (e.g. FreeU's ``h[:, :n] *= b``) have no users, so cutting the graph
+            # by data dependencies would drop them: make the graph functional first.
             exported = exported.run_decompositions({})
     unlifted = exported.module()
     graph = _plain_graph(unlifted.graph, call.names)
+    # module paths as the UNet names them, whatever spelling export chose (see fxprop.stacks)
+    canonical_stacks(graph, double, ((flat, ROOT), (double, "")), ROOT)
     return Captured(fx.GraphModule(_attributes(graph, flat, unlifted), graph),
                     exported.call_spec.out_spec)
+
+
+def _export(flat: nn.Module, call: FlatCall, model: str) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(flat, tuple(call.tensors), strict=False)
+    except Exception as err:  # export raises many types: keep the type, name the model
+        context = f"fxprop could not capture {model} with torch.export"
+        again = _same_type(err, f"{context}: {err}")
+        if again is None:
+            err.add_note(context)
+            raise
+        raise again from err
 
 
 def _same_type(err: Exception, message: str) -> Exception | None:

@@ -9,10 +9,6 @@ cache's lock. So an intercepted module reduces to its state without fxprop's hoo
 another module's parameters. An accelerated pipeline reduces to its original class without its
 adapter. Accelerate the copy again to accelerate it.
 
-:func:`shallow_tree` is the other copy fxprop makes: new module objects sharing the parameter
-tensors, which a capture traces instead of the live UNet (torch.export swaps fake parameters
-into the module it traces; another thread's eager call of the UNet would compute on them).
-
 The reduction is an instance attribute ``__reduce_ex__`` (pickle and copy look it up on the
 instance), set while fxprop's hook is installed and removed with it, so the user's class is
 never touched. It never raises: wrappers above fxprop's (accelerate's offload hook, other
@@ -26,10 +22,9 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["copies_plain", "forget", "plain_reduce", "shallow_tree", "bound_to"]
+__all__ = ["copies_plain", "forget", "plain_reduce"]
 
 _REDUCE = "__reduce_ex__"
-_OWN = frozenset({"_parameters", "_buffers", "_modules"})
 _REGISTRY = "_diffusers_hook"
 
 
@@ -95,38 +90,3 @@ def _new(cls: type, *args: Any) -> Any:
     """An uninitialised ``cls`` (what ``copyreg.__newobj__`` makes; the state follows)."""
     return cls.__new__(cls, *args)
 
-
-def shallow_tree(root: nn.Module, isolate: Any = None) -> nn.Module:
-    """``root``'s module tree as new module objects (each with copies of its parameter, buffer
-    and submodule dicts) holding the same tensors and attribute values, without ``root``'s
-    call wrappers: a capture that swaps tensors into it leaves the live modules untouched, and
-    the graph it records reads the live parameters. About 2 ms for SD-1.5, once per capture;
-    measured against a per-UNet lock, it lets other threads keep running the UNet meanwhile.
-    ``isolate(value, memo)`` may replace attribute values (one ``memo`` for the tree):
-    :func:`fxprop.purity.isolated` copies processors whose side effects must not reach the
-    user's objects."""
-    copies: dict[int, nn.Module] = {}
-    memo: dict = {}
-
-    def copy_of(module: nn.Module) -> nn.Module:
-        if id(module) not in copies:
-            new = copies[id(module)] = object.__new__(type(module))
-            new.__dict__.update(module.__dict__ if isolate is None else {
-                k: v if k in _OWN else isolate(v, memo) for k, v in module.__dict__.items()})
-            new.__dict__["_parameters"] = dict(module._parameters)
-            new.__dict__["_buffers"] = dict(module._buffers)
-            new.__dict__["_modules"] = {k: None if m is None else copy_of(m)
-                                        for k, m in module._modules.items()}
-        return copies[id(module)]
-
-    top = copy_of(root)
-    for wrapper in (_REGISTRY, "forward", _REDUCE, "_hf_hook", "_old_forward"):
-        top.__dict__.pop(wrapper, None)
-    return top
-
-
-def bound_to(forward: Any, module: nn.Module, original: nn.Module) -> Any:
-    """``forward`` (a method of ``original``) as the same method of ``module``, else None."""
-    if getattr(forward, "__self__", None) is not original or not hasattr(forward, "__func__"):
-        return None
-    return forward.__func__.__get__(module)

@@ -78,6 +78,14 @@ class Generation:
         """Drop the tensors kept across steps (the generation cannot use them any more)."""
         self.frontiers.clear()
 
+    #: Whether a call with a signature not seen at a key step runs the whole UNet and keeps
+    #: its frontier (a key step of its own); else it leaves the plan.
+    adopts = False
+
+    def select(self, key: Any) -> None:
+        """Make ``frontiers`` those of calls with signature ``key`` (here one set for all: a
+        key step with another signature replaces it; see :class:`fxprop.grid.GridGeneration`)."""
+
     @property
     def finished(self) -> bool:
         """Whether every planned step ran (its cached tensors can go)."""
@@ -204,18 +212,40 @@ class PlanFollower(nn.Module):
         calls and DPM++ 2S/SDE midpoints belong to a step. Forecasts in the signal variable
         use ``1 / sqrt(1 + sigma^2)``. Raises ``ValueError`` in parallel mode (its batched
         steps assume one call per step) and for a grid whose timesteps do not decrease."""
-        from .grid import GridGeneration, sigma_grid  # grid.py builds on this module
+        from .grid import model_timesteps  # grid.py builds on this module
 
-        if self.policy.batches:
+        train = getattr(model_wrap, "sigmas", None)
+        return self.set_grid(sigmas, model_timesteps(sigmas, model_wrap),
+                             len(train) if isinstance(train, torch.Tensor) else None)
+
+    def set_grid(self, sigmas: Any, timesteps: Any, num_train_timesteps: int | None = None,
+                 by: str = "timestep", policy: Any = None) -> Plan:
+        """Start a generation of a sampler over the grid ``sigmas`` (step ``i`` is
+        ``sigmas[i]``, the last entry is the end), whose UNet receives ``timesteps`` (one per
+        entry of ``sigmas``); returns its plan. Each call is mapped to its grid step by the
+        value it carries: ``by="timestep"`` (the UNet's timestep, :meth:`set_sigmas`) or
+        ``by="sigma"`` (the caller passes each call's sigma; the timesteps may then repeat,
+        as ComfyUI's rounded ones do). ``policy``: plan with it instead of ``self.policy``
+        (a run's own key steps). Raises ``ValueError`` in parallel mode and for a grid whose
+        ``by`` values do not decrease strictly."""
+        from .grid import GridGeneration, grid_values, host_floats
+
+        if by not in ("timestep", "sigma"):
+            raise ValueError(f"by must be 'timestep' or 'sigma', got {by!r}")
+        policy = self.policy if policy is None else policy
+        if policy.batches:
             raise ValueError("parallel mode batches a segment's steps assuming one UNet call "
                              "per step, but k-diffusion samplers may call it several times per "
                              "grid step: use parallel=False with set_sigmas")
-        grid, end = sigma_grid(sigmas, model_wrap)
-        signal = (1 / (1 + torch.as_tensor(sigmas).flatten()[:-1].double().cpu() ** 2).sqrt())
-        train = getattr(model_wrap, "sigmas", None)
-        plan = self.policy.plan(grid, len(train) if isinstance(train, torch.Tensor) else None,
-                                signal.tolist() if self.policy.needs_signal else None)
-        self._start(GridGeneration(plan, sigmas, end=end))
+        sigma_values, t_values = host_floats(sigmas), host_floats(timesteps)
+        if len(t_values) != len(sigma_values):
+            raise ValueError(f"timesteps must hold one entry per sigma ({len(sigma_values)}), "
+                             f"got {len(t_values)}")
+        grid, end = grid_values(t_values if by == "timestep" else sigma_values, by)
+        signal = [1 / (1 + s * s) ** 0.5 for s in sigma_values[:-1]]
+        plan = policy.plan(t_values[:-1], num_train_timesteps,
+                           signal if policy.needs_signal else None)
+        self._start(GridGeneration(plan, sigmas, end=end, grid=tuple(grid), unit=by))
         return plan
 
     def _new_generation(self, plan: Plan, source: Any, begin: int) -> Generation:
@@ -278,7 +308,8 @@ class PlanFollower(nn.Module):
         UNet and the generation is off-plan.
         """
         step, gen.step = gen.step, gen.step + 1
-        if gen.plan.is_key[step]:
+        gen.select(call.key)
+        if gen.plan.is_key[step] or (gen.adopts and not gen.frontiers.has(call.key)):
             out = self._key_step(gen, step, call, parts)
         elif gen.frontiers.has(call.key):
             out = self._reuse_step(gen, step, call, parts)

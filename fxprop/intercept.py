@@ -1,8 +1,11 @@
 """Intercept a UNet's ``forward`` in place, beneath every other wrapper of it.
 
 The UNet stays the user's module (in ``pipe.unet``, a diffusers ``ModelMixin`` with all its
-methods): :class:`Intercept`, registered with diffusers' own :class:`HookRegistry`, replaces
-only the innermost ``forward``. When the calling thread has an active
+methods): :class:`Intercept` replaces only its innermost ``forward``. On a diffusers model it is
+registered with diffusers' own :class:`HookRegistry` (so diffusers' and accelerate's hooks
+keep their order around it); on any other module (LDM's or ComfyUI's ``UNetModel``, a
+user's), where diffusers may not even be installed, it takes the same place itself: the
+module's instance ``forward``, the original kept beneath, put back by :func:`release`. When the calling thread has an active
 :class:`~fxprop.follow.Scope` of a runtime of this UNet (a pipeline call, or a call of an
 :class:`~fxprop.AcceleratedUNet`), the call runs the runtime's planned step; otherwise, and
 whenever the runtime cannot follow its plan, it runs the original forward. Everything that
@@ -22,6 +25,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .cache import CaptureCache
+from .calls import running
 from .fingerprint import replaced_forward, skipped_hooks
 from .follow import active_scope
 
@@ -66,18 +70,64 @@ class Intercept:
         return self.fn_ref.original_forward
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        scope = active_scope()
-        if scope is not None and getattr(scope.follower, "unet", None) is module:
-            out = scope.follower.planned(args, kwargs)
-            if out is not NOT_PLANNED:
-                return out
-        return self.fn_ref.original_forward(*args, **kwargs)
+        with running(module):  # never while another thread captures it (fxprop.calls)
+            scope = active_scope()
+            if scope is not None and getattr(scope.follower, "unet", None) is module:
+                out = scope.follower.planned(args, kwargs)
+                if out is not NOT_PLANNED:
+                    return out
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def is_diffusers_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a diffusers model (read from its class; imports nothing)."""
+    return any(cls.__module__.split(".")[0] == "diffusers" for cls in type(module).__mro__)
 
 
 def intercepted(unet: nn.Module) -> Intercept | None:
     """The :class:`Intercept` installed on ``unet``, if any."""
+    forward = unet.__dict__.get("forward")
+    if isinstance(forward, _Forward):
+        return forward.hook
     registry = getattr(unet, "_diffusers_hook", None)
     return None if registry is None else registry.get_hook(NAME)
+
+
+class _Forward:
+    """``module.forward`` while :class:`Intercept` runs there without diffusers' registry.
+
+    A copy or pickle of the module (``copy.deepcopy``, ``torch.save``) gets its class's forward
+    instead, so it comes back plain, holding nothing of fxprop's."""
+
+    def __init__(self, hook: Intercept, module: nn.Module) -> None:
+        self.hook, self.module = hook, module
+
+    @property
+    def original_forward(self) -> Callable[..., Any]:
+        return _class_forward(self.module)
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        """What ``inspect.signature`` reads: the module's own forward signature."""
+        return self.original_forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.hook.new_forward(self.module, *args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return _class_forward, (self.module,)
+
+
+def _class_forward(module: nn.Module) -> Callable[..., Any]:
+    return type(module).forward.__get__(module)
+
+
+def _install(unet: nn.Module) -> Intercept:
+    """:class:`Intercept` as ``unet``'s instance ``forward``, over its class's forward."""
+    _check_forward(unet)
+    hook = Intercept()
+    hook.fn_ref = unet.forward = _Forward(hook, unet)
+    return hook
 
 
 def intercept(unet: nn.Module, user: Any) -> Intercept:
@@ -91,9 +141,11 @@ def intercept(unet: nn.Module, user: Any) -> Intercept:
     """
     check_hooks(unet)
     hook = intercepted(unet)
-    if hook is None:
+    if hook is None and is_diffusers_model(unet):
         hook = as_model_hook(Intercept)()
         add_beneath(unet, hook, NAME, check=_check_forward)
+    elif hook is None:
+        hook = _install(unet)
     hook.users.add(user)
     return hook
 
@@ -107,7 +159,10 @@ def release(unet: nn.Module, user: Any) -> None:
     hook.users.discard(user)
     if len(hook.users):
         return
-    remove_beneath(unet, NAME)
+    if isinstance(unet.__dict__.get("forward"), _Forward):
+        del unet.forward  # the class's forward again
+    else:
+        remove_beneath(unet, NAME)
 
 
 def add_beneath(module: nn.Module, hook: Any, name: str, check: Any = None) -> None:

@@ -6,10 +6,10 @@ prompt-to-prompt style step counter or an attention store (Attend-and-Excite's),
 once, with fake tensors, instead of at every step with real ones. Nothing in a class says
 whether it does; a trace shows it:
 
-* the trace runs on a shallow copy of the module tree (:func:`fxprop.copying.shallow_tree`), in
-  which every processor-like object (a callable attribute value that is not a module or a
-  function) of a class from outside ``diffusers.models`` is a deep copy (:func:`isolated`),
-  so its side effects land on the copy, not on the user's object;
+* the trace runs on a twin of the module tree (:func:`fxprop.twin.twin`) in which every
+  processor-like object (a callable attribute value that is not a module or a function) of a
+  class from outside ``diffusers.models`` is a deep copy (:func:`isolate_processors`), so its
+  side effects land on the copy, not on the user's object;
 * after the trace, :func:`side_effects` compares the copy with the live UNet, and the live UNet
   with itself before the trace (:func:`~fxprop.fingerprint.portable_digests`, module by
   module: counters, stored tensors, fake tensors that escaped), and names what changed.
@@ -28,7 +28,10 @@ from torch import nn
 
 from .fingerprint import portable_digests
 
-__all__ = ["SideEffects", "isolated", "side_effects", "check_no_side_effects"]
+__all__ = ["SideEffects", "isolated", "isolate_processors", "side_effects",
+           "check_no_side_effects"]
+
+_OWN = frozenset({"_parameters", "_buffers", "_modules"})
 
 #: Packages whose callable objects are known to compute only tensors.
 PURE_PACKAGES = ("diffusers.models.", "torch.")
@@ -51,6 +54,18 @@ def isolated(value: Any, memo: dict) -> Any:
         return value   # side effects, if any, are still found (on the live UNet)
     memo.update(trial)
     return copied
+
+
+def isolate_processors(tree: nn.Module) -> nn.Module:
+    """``tree`` (a twin: its modules' dicts are its own) with each module attribute replaced by
+    :func:`isolated` (one memo for the tree); returned."""
+    memo: dict = {}
+    for module in tree.modules():
+        state = module.__dict__
+        for name, value in list(state.items()):
+            if name not in _OWN:
+                state[name] = isolated(value, memo)
+    return tree
 
 
 def _known_pure(cls: type) -> bool:

@@ -10,8 +10,8 @@ UNet's fingerprint and the grad and autocast modes, read at every call) and the 
 A state that changes within a generation (a callback toggling FreeU or an IP-Adapter scale) is
 seen at the next key step; at a non-key step the frontier was computed in the old state, so
 the generation leaves its plan and runs the whole UNet, with one warning. Captures trace a
-shallow copy of the UNet's module tree and refuse processors with Python side effects
-(:mod:`fxprop.copying`, :mod:`fxprop.purity`). Cross-step state belongs to the generation,
+twin of the UNet's module tree (:mod:`fxprop.twin`) and refuse processors with Python side
+effects (:mod:`fxprop.purity`). Cross-step state belongs to the generation,
 which belongs to its scope: the last key frontiers (:mod:`fxprop.forecast`) and, in parallel
 mode, the outputs of the current chunk of steps (:mod:`fxprop.parallel`). Any call that does
 not match the plan runs the original forward, which is always correct, and warns once.
@@ -31,7 +31,8 @@ from torch.profiler import record_function
 from .capture import Captured, FlatCall, capture, flatten_call
 from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
-from .copying import bound_to, copies_plain, forget, shallow_tree
+from .calls import capturing
+from .copying import copies_plain, forget
 from .distributed import (Ranks, agree, gather, inputs_digest, local_call, own_steps,
                           plan_digest, ranks_of)
 from .fingerprint import portable_digests
@@ -40,9 +41,10 @@ from .intercept import NAME, NOT_PLANNED, check_hooks, intercept, intercepted, r
 from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
                        repeated_call, steps_per_call, timestep_vector)
 from .plan import Plan
-from .purity import SideEffects, check_no_side_effects, isolated
+from .purity import SideEffects, check_no_side_effects, isolate_processors
 from .regions import resolve_layout
 from .split import Parts, split
+from .twin import rebind, twin
 
 __all__ = ["AcceleratedUNet", "TimestepSource", "plain_unet"]
 
@@ -181,15 +183,14 @@ class AcceleratedUNet(PlanFollower):
         return captured, self._split(captured)
 
     def _capture(self, call: FlatCall) -> Captured:
-        """Capture the UNet for ``call``, traced on a shallow copy of its module tree (another
-        thread may be running the live UNet: see :func:`~fxprop.copying.shallow_tree`)."""
+        """Capture the UNet for ``call``, traced on a twin of its module tree whose processors
+        of unknown purity are copies, refusing Python side effects (:mod:`fxprop.purity`)."""
         check_hooks(self.unet)  # hooks added since accelerate() would be skipped: refuse
         before = portable_digests(self.unet)
-        tree = shallow_tree(self.unet, isolated)
-        forward = bound_to(self._intercept.original_forward, tree, self.unet)
-        if forward is None:  # a forward fxprop cannot rebind: trace the live module
-            tree, forward = self.unet, self._intercept.original_forward
-        captured = capture(tree, call, forward)
+        tree = isolate_processors(twin(self.unet))
+        with capturing(self.unet):  # no other thread runs the UNet meanwhile (fxprop.calls)
+            captured = capture(tree, call,
+                               rebind(self._intercept.original_forward, self.unet, tree))
         check_no_side_effects(self.unet, tree, before)  # e.g. an attention store: refuse
         return captured
 

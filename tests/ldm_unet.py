@@ -1,16 +1,13 @@
-"""A tiny UNet in the original LDM code's layout (CompVis / Stability ``UNetModel``), for tests.
+"""A copy, written here, of the original LDM ``UNetModel`` in SDXL's shape, which pip's LDM lacks.
 
-Written from scratch after the structure of ``ldm/modules/diffusionmodules/openaimodel.py``:
-``time_embed``, ``input_blocks``, ``middle_block``, ``output_blocks`` and ``out``; the encoder
-pushes every input block's output onto a list ``hs`` and the decoder pops them, concatenating
-each with its hidden state. ``ldm_unet()`` is shaped like SD 1.5 (two res blocks per level,
-attention at every level but the last, a mid block of res/attention/res), with two levels of
-16 and 32 channels; ``ldm_sd2_unet()`` adds SD 2's linear transformer projections and
-``ldm_sdxl_unet()`` SDXL's shape (three levels, no attention at the first, transformer depth
-per level, a label embedding of the pooled text and size conditioning ``y``). LDM
-zero-initialises its output layers (``out``, each ResBlock's last conv, ``proj_out``), which makes
-an untrained UNet output a near-constant: here no layer is zero-initialised, random weights
-must matter (:func:`zero_init_layers` lists them for the tests to check).
+The real SD 1.x / 2.x ``UNetModel`` is tested from pip's ``stable-diffusion-sdkit``
+(``tests/real_unets.py``); its code predates SDXL (no ``adm_in_channels``, one transformer depth
+for all levels). This copy follows the structure of Stability's ``openaimodel.py``:
+``time_embed``, ``label_emb``, ``input_blocks``, ``middle_block``, ``output_blocks`` and ``out``;
+the encoder pushes every input block's output onto a list ``hs`` and the decoder pops them.
+``ldm_sdxl_unet()`` has three levels, no attention at the first, transformer depth per level and
+a label embedding of the pooled text and size conditioning ``y``. No layer is zero-initialised:
+random weights must matter.
 """
 
 from __future__ import annotations
@@ -227,11 +224,6 @@ def ldm_unet(seed: int = 0, **overrides) -> UNetModel:
     return UNetModel(**overrides).eval()
 
 
-def ldm_sd2_unet(seed: int = 0) -> UNetModel:
-    """SD 2.x's LDM config: linear projections in and out of the transformers."""
-    return ldm_unet(seed, use_linear_in_transformer=True)
-
-
 #: Channels of SDXL's ``y`` in :func:`ldm_sdxl_unet` (pooled text + size embeddings in SDXL).
 SDXL_ADM_CHANNELS = 24
 
@@ -241,14 +233,3 @@ def ldm_sdxl_unet(seed: int = 0) -> UNetModel:
     return ldm_unet(seed, channel_mult=(1, 2, 4), attention_resolutions=(2, 4),
                     transformer_depth=(0, 1, 2), use_linear_in_transformer=True,
                     adm_in_channels=SDXL_ADM_CHANNELS)
-
-
-def zero_init_layers(unet: UNetModel) -> list[nn.Module]:
-    """The layers LDM zero-initialises (``zero_module``): a random UNet must not leave them 0."""
-    layers = [unet.out[-1]]
-    for module in unet.modules():
-        if isinstance(module, ResBlock):
-            layers.append(module.out_layers[-1])
-        elif isinstance(module, SpatialTransformer):
-            layers.append(module.proj_out)
-    return layers

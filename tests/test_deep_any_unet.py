@@ -1,6 +1,6 @@
 """Deep caching on any UNet: branches found from the graph's structure.
 
-The LDM ``UNetModel`` is checked against an independent eager oracle (forward hooks, none of
+The LDM ``UNetModel`` (the real one, pip's stable-diffusion-sdkit) is checked against an independent eager oracle (forward hooks, none of
 fxprop's code); diffusers UNets keep DeepCache's ids; user-written, lucidrains-style and video
 UNets cut, compose and reuse; a UNet without a shallow branch says why.
 """
@@ -17,12 +17,11 @@ from fxprop.capture import flatten_call
 from fxprop.deep import branch_target, deep_cut, find_branches, valid_branches
 from fxprop.regions import module_path, resolve_layout
 from fxprop.split import check_split, split
-from ldm_unet import zero_init_layers
-from test_models import (MODELS, TIMESTEPS, Model, accelerate, check_model, generate,
-                         sparse_generation, unet_of)
+from real_unets import zero_init_layers
+from test_models import (LDM_SD1, LUCID, MODELS, TIMESTEPS, Model, accelerate, check_model,
+                         generate, sparse_generation, unet_of)
 
-LDM = {"sd1": "LDM UNetModel (input_blocks/output_blocks)",
-       "sdxl": "LDM UNetModel, SDXL-shaped (3 levels, depth per level, label embedding)"}
+LDM = {"sd1": LDM_SD1, "sdxl": next(name for name in MODELS if "SDXL-shaped" in name)}
 
 
 def assert_steps_close(actual: list, expected: list, atol: float = 1e-5) -> None:
@@ -173,8 +172,7 @@ def test_structural_branches_have_deepcache_ids_on_diffusers(kind):
 # -- other UNets ------------------------------------------------------------------------------
 
 OTHERS = ["user-written, structural fallback", "user-written, regions=",
-          "lucidrains Unet (denoising-diffusion-pytorch layout), structural",
-          "lucidrains Unet (denoising-diffusion-pytorch layout), regions=",
+          LUCID + ", structural", LUCID + ", regions=",
           "UNet3DConditionModel (text-to-video)", "UNetSpatioTemporalConditionModel (SVD)"]
 
 
@@ -192,7 +190,7 @@ def test_any_unet_cuts_composes_and_reuses(name):
 
 
 def test_regions_reach_the_lowest_resolution_merges():
-    lucid = {kind: MODELS[f"lucidrains Unet (denoising-diffusion-pytorch layout), {kind}"]
+    lucid = {kind: MODELS[f"{LUCID}, {kind}"]
              for kind in ("structural", "regions=")}
     found = {kind: find_branches(captured_of(m, unet_of(m))[0],
                                  resolve_layout(unet_of(m), m.regions))

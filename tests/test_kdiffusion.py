@@ -22,7 +22,7 @@ from torch import nn
 
 import fxprop
 from conftest import TEXT_DIM, assert_differs, sd_unet
-from ldm_unet import ldm_unet
+from real_unets import ldm_unet
 from fxprop.grid import grid_step
 
 pytest.importorskip("torchsde", reason="k_diffusion.sampling imports torchsde")
@@ -85,8 +85,8 @@ class LDMModel(CompVisModel):
         return self.unet(x, t, context=cond)
 
 
-UNET = sd_unet()
-PLAIN = EXTERNAL.CompVisDenoiser(CompVisModel(UNET))
+UNET = ldm_unet()  # the real LDM UNetModel (pip's stable-diffusion-sdkit), as A1111 runs it
+PLAIN = EXTERNAL.CompVisDenoiser(LDMModel(UNET))
 SIGMAS = K.get_sigmas_karras(STEPS, PLAIN.sigma_min.item(), PLAIN.sigma_max.item())
 
 
@@ -129,7 +129,7 @@ def plain_output(cache: dict, name: str) -> torch.Tensor:
 def runtime(request):
     """One accelerated UNet per reuse mode, shared by every sampler (one capture each)."""
     acc = fxprop.accelerate(UNET, reuse=request.param, key_steps=1, prior_noise=0.0)
-    return acc, EXTERNAL.CompVisDenoiser(CompVisModel(acc))
+    return acc, EXTERNAL.CompVisDenoiser(LDMModel(acc))
 
 
 def run(runtime, name: str, key_steps, record: list | None = None) -> torch.Tensor:
@@ -203,13 +203,13 @@ def test_sparse_key_steps_follow_the_grid_and_differ_from_plain(runtime, plain, 
     assert_differs(out, plain_output(plain, name), 1e-4)
 
 
-@pytest.mark.slow  # ~6 s: an LDM capture
-def test_an_ldm_unet_behind_compvis_follows_the_grid():
-    """A1111's layout: CompVisDenoiser -> apply_model -> LDM UNetModel (accelerated)."""
-    unet = ldm_unet()
-    plain_wrap = EXTERNAL.CompVisDenoiser(LDMModel(unet))
+@pytest.mark.slow  # ~6 s: a capture of its own
+def test_a_diffusers_unet_behind_compvis_follows_the_grid():
+    """CompVisDenoiser -> apply_model -> a diffusers UNet (accelerated)."""
+    unet = sd_unet()
+    plain_wrap = EXTERNAL.CompVisDenoiser(CompVisModel(unet))
     acc = fxprop.accelerate(unet, key_steps=1, prior_noise=0.0)
-    runtime, record = (acc, EXTERNAL.CompVisDenoiser(LDMModel(acc))), []
+    runtime, record = (acc, EXTERNAL.CompVisDenoiser(CompVisModel(acc))), []
     reference = sample("heun", plain_wrap)
     torch.testing.assert_close(run(runtime, "heun", 1), reference, atol=1e-5, rtol=0)
     assert_differs(run(runtime, "heun", [0, 3], record), reference, 1e-4)
@@ -285,3 +285,25 @@ def test_a_grid_that_does_not_decrease_is_refused():
         acc.set_sigmas(torch.tensor([14.6, 5.0, 5.0, 0.0]), PLAIN)
     with pytest.raises(TypeError, match="sigma_to_t"):
         acc.set_sigmas(SIGMAS, object())
+
+
+# -- calls mapped by sigma (ComfyUI's loop passes each call's sigma) ----------------------------
+
+def test_a_grid_mapped_by_sigma_takes_repeated_timesteps():
+    """Rounded timesteps may repeat (ComfyUI's karras grids): mapped by sigma, each call still
+    finds its step, midpoints the step they start from."""
+    acc = fxprop.accelerate(UNET, key_steps=2)
+    sigmas = torch.tensor([14.6, 0.031, 0.030, 0.029, 0.0])
+    timesteps = torch.tensor([999.0, 1.0, 1.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="timesteps of sigmas must decrease strictly.*by='sigma'"):
+        acc.set_grid(sigmas, timesteps, 1000)
+    plan = acc.set_grid(sigmas, timesteps, 1000, by="sigma")
+    assert plan.timesteps == (999.0, 1.0, 1.0, 1.0) and plan.is_key == (True, False, True, False)
+    visits = [(14.6, 0), (1.0, 0), (0.031, 1), (0.0305, 1), (0.030, 2), (0.029, 3), (0.01, 3)]
+    for sigma, step in visits:
+        assert acc.next_is_key(torch.tensor([sigma])) == (step % 2 == 0)
+        assert acc.step == step and not acc.off_plan
+    with pytest.warns(UserWarning, match="sigma 0.03 goes back up"):
+        acc.next_is_key(torch.tensor([0.030]))
+    with pytest.raises(ValueError, match="^sigmas must decrease strictly"):
+        acc.set_grid(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([9.0, 9.0, 0.0]), by="sigma")

@@ -8,7 +8,6 @@ import copy
 import gc
 import io
 import pickle
-import threading
 import weakref
 
 import pytest
@@ -128,31 +127,3 @@ def test_captures_hold_no_weights_the_unet_no_longer_has():
     gc.collect()
     assert all(ref() is None for ref in old)
 
-
-def test_a_capture_does_not_disturb_eager_use_of_the_unet_in_another_thread():
-    """Row 6: torch.export swaps fake parameters into the module it traces; thread A's plain
-    calls of the same UNet during thread B's first (capturing) call failed (``fake_mode.
-    in_kernel_invocation must be False``, a ``SymFloat`` result) and B's capture with them."""
-    pipe, plain = accelerated_and_plain()
-    alone = run(plain)
-    done, outs, errors = threading.Event(), [], []
-
-    def plain_loop():
-        try:
-            while not done.is_set() or not outs:
-                outs.append(run(plain))
-        except Exception as err:  # surfaced below
-            errors.append(err)
-
-    thread = threading.Thread(target=plain_loop)
-    thread.start()
-    try:
-        accelerated = run(pipe)  # captures while the other thread runs the UNet
-    finally:
-        done.set()
-        thread.join()
-    assert not errors, errors[0]
-    for out in outs:  # torch.export turns mkldnn off process-wide while it traces: the other
-        # thread's convolutions then take another kernel, ~1e-5 apart (README, Limits)
-        torch.testing.assert_close(out, alone, rtol=0, atol=1e-4)
-    torch.testing.assert_close(accelerated, alone, rtol=0, atol=1e-5)

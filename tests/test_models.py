@@ -1,5 +1,9 @@
 """Any UNet: LDM layout, video, IF, SD-2, UNet2DModel variants, LoRA and user-written UNets.
 
+The original LDM ``UNetModel`` and lucidrains' ``Unet`` are the real classes that pip installs
+(``tests/real_unets.py``); only the SDXL-shaped LDM UNet, which pip's LDM code lacks, is a copy
+written here (``tests/ldm_unet.py``).
+
 ``MODELS`` is the list of tiny model builders that ``tools/support_table.py`` also runs. For each
 model the split composes to the whole UNet and a generation with every step a key step equals
 plain sampling; sparse plans never read the current latent at non-key steps.
@@ -29,10 +33,13 @@ from fxprop.cuts import encoder_cut, find_bottleneck
 from fxprop.regions import module_path, resolve_layout
 from fxprop.split import check_split
 from fxprop.graph import placeholders
-from ldm_unet import SDXL_ADM_CHANNELS, ldm_sdxl_unet, ldm_unet
-from lucid_unet import LUCID_REGIONS, lucid_unet
+from ldm_unet import SDXL_ADM_CHANNELS, ldm_sdxl_unet
+from real_unets import LUCID_REGIONS, ldm_sd2_unet, ldm_unet, lucid_unet
 
 TIMESTEPS = torch.tensor([900, 600, 300, 100])
+#: The real LDM UNetModel (pip's stable-diffusion-sdkit) and lucidrains' Unet, by their rows.
+LDM_SD1 = "LDM UNetModel, SD 1.x (stable-diffusion-sdkit: input_blocks/output_blocks)"
+LUCID = "lucidrains Unet (denoising-diffusion-pytorch)"
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Model:
     regions: dict | None = None         # fxprop.accelerate(..., regions=...)
     out_channels: int = 0               # channels of the output the latent is moved by (0: all)
     channel_dim: int = 1
+    time_per_sample: bool = False       # forward takes one timestep per sample, not a scalar
 
     def call(self, seed: int = 0) -> tuple[torch.Tensor, tuple, dict]:
         g = torch.Generator().manual_seed(seed)
@@ -193,13 +201,15 @@ MODELS: dict[str, Model] = {
                        ("AttnSkipUpBlock2D", "SkipUpBlock2D"), channels=(32, 32),
                        time_embedding_type="fourier"),  # skip blocks norm with 32 groups
         (2, 3, 8, 8)),
-    "LDM UNetModel (input_blocks/output_blocks)": Model(ldm_unet, (2, 4, 16, 16), _text()),
-    "LDM UNetModel, SDXL-shaped (3 levels, depth per level, label embedding)": Model(
-        ldm_sdxl_unet, (2, 4, 16, 16), _text(), lambda: {"y": _randn(2, SDXL_ADM_CHANNELS)}),
-    "lucidrains Unet (denoising-diffusion-pytorch layout), structural": Model(
-        lucid_unet, (2, 3, 16, 16)),
-    "lucidrains Unet (denoising-diffusion-pytorch layout), regions=": Model(
-        lucid_unet, (2, 3, 16, 16), regions=LUCID_REGIONS),
+    LDM_SD1: Model(ldm_unet, (2, 4, 16, 16), _text(), time_per_sample=True),
+    "LDM UNetModel, SD 2.x (stable-diffusion-sdkit, linear projections)": Model(
+        ldm_sd2_unet, (2, 4, 16, 16), _text(), time_per_sample=True),
+    "LDM UNetModel, SDXL-shaped (copy written here: 3 levels, depth per level, label "
+    "embedding)": Model(ldm_sdxl_unet, (2, 4, 16, 16), _text(),
+                        lambda: {"y": _randn(2, SDXL_ADM_CHANNELS)}),
+    LUCID + ", structural": Model(lucid_unet, (2, 3, 16, 16), time_per_sample=True),
+    LUCID + ", regions=": Model(lucid_unet, (2, 3, 16, 16), regions=LUCID_REGIONS,
+                                time_per_sample=True),
     "UNet3DConditionModel (text-to-video)": Model(unet3d, (1, 4, 2, 8, 8), _text(1)),
     "UNetSpatioTemporalConditionModel (SVD)": Model(
         svd_unet, (1, 2, 8, 8, 8), _text(1, 1), lambda: {"added_time_ids": _randn(1, 3)},
@@ -227,6 +237,7 @@ def generate(model: Model, unet: nn.Module, timesteps: torch.Tensor = TIMESTEPS,
         unet.set_timesteps(timesteps)
     outs = []
     for i, t in enumerate(timesteps):
+        t = t.expand(x.shape[0]) if model.time_per_sample else t
         out = sample_of(unet(feed(i, x) if feed else x, t, *args, **kwargs))
         outs.append(out)
         x = model.advance(x, out)
@@ -281,7 +292,7 @@ def unet_of(model: Model) -> nn.Module:
 
 
 @pytest.mark.parametrize("name", fast_params(MODELS, (  # inner loop: one of each layout family
-    "SD-1.5 (UNet2DConditionModel)", "LDM UNetModel (input_blocks/output_blocks)",
+    "SD-1.5 (UNet2DConditionModel)", LDM_SD1,
     "UNet2DModel (DDPM, AttnDownBlock2D)", "user-written, structural fallback",
     "user-written, regions=")))
 def test_split_composes_and_every_step_key_equals_plain(name):
@@ -289,7 +300,7 @@ def test_split_composes_and_every_step_key_equals_plain(name):
     assert check_model(model, unet_of(model)).split_error <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["LDM UNetModel (input_blocks/output_blocks)",
+@pytest.mark.parametrize("name", [LDM_SD1,
                                   "user-written, structural fallback",
                                   pytest.param("UNetSpatioTemporalConditionModel (SVD)",
                                                marks=pytest.mark.slow)])
@@ -308,10 +319,10 @@ def test_non_key_steps_never_read_the_latent(name):
 
 
 def test_ldm_is_found_by_name_and_caches_the_encoder():
-    unet = unet_of(MODELS["LDM UNetModel (input_blocks/output_blocks)"])
+    unet = unet_of(MODELS[LDM_SD1])
     assert resolve_layout(unet).name == "ldm"
     acc = accelerate(unet, key_steps=1)
-    x, args, kwargs = MODELS["LDM UNetModel (input_blocks/output_blocks)"].call()
+    x, args, kwargs = MODELS[LDM_SD1].call()
     _, parts = acc.parts_for(flatten_call(unet.forward, (x, TIMESTEPS[0], *args), kwargs))
     paths = {module_path(n).split(".")[0] for n in parts.step.graph.nodes
              if n.op != "placeholder"}
@@ -394,7 +405,7 @@ def test_text_to_video_pipeline():
 
 
 @pytest.mark.parametrize("name", fast_params(MODELS, (  # inner loop: test_parallel.py and these
-    "SD-1.5 (UNet2DConditionModel)", "LDM UNetModel (input_blocks/output_blocks)",
+    "SD-1.5 (UNet2DConditionModel)", LDM_SD1,
     "UNet2DModel (DDPM, AttnDownBlock2D)", "user-written, structural fallback")))
 def test_parallel_mode_equals_sequential(name):
     """A segment's decoder passes batched into one call give the sequential predictions."""

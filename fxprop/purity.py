@@ -10,9 +10,9 @@ whether it does; a trace shows it:
   processor-like object (a callable attribute value that is not a module or a function) of a
   class from outside ``diffusers.models`` is a deep copy (:func:`isolate_processors`), so its
   side effects land on the copy, not on the user's object;
-* after the trace, :func:`side_effects` compares the copy with the live UNet, and the live UNet
-  with itself before the trace (:func:`~fxprop.fingerprint.portable_digests`, module by
-  module: counters, stored tensors, fake tensors that escaped), and names what changed.
+* after the trace, :func:`side_effects` compares the twin and the live UNet each with itself
+  before the trace (:func:`~fxprop.fingerprint.portable_digests`, module by module: counters,
+  stored tensors, fake tensors that escaped), and names what changed.
 
 diffusers' own processors (``diffusers.models``) are not copied: they are the ones known to
 compute only tensors (a list by package, since a class cannot be proven pure by reading it);
@@ -72,13 +72,16 @@ def _known_pure(cls: type) -> bool:
     return (getattr(cls, "__module__", "") or "").startswith(PURE_PACKAGES)
 
 
-def side_effects(live: nn.Module, tree: nn.Module, before: dict[str, tuple]) -> list[str]:
-    """What a trace of ``tree`` (a shallow copy of ``live``) changed: ``"path (what)"`` for each
-    module of either whose portable digest differs from ``before`` (``live``'s, read before)."""
+def side_effects(live: nn.Module, tree: nn.Module,
+                 before: tuple[dict[str, tuple], dict[str, tuple]]) -> list[str]:
+    """What a trace of ``tree`` (a twin of ``live``) changed: ``"path (what)"`` for each module
+    of either whose portable digest differs from its own before the trace (``before``: the
+    digests of ``live`` and of ``tree``; a twin may differ from its original from the start,
+    e.g. modules whose copy protocol re-runs ``__init__``)."""
     changed = []
-    for current in (portable_digests(live), portable_digests(tree)):
-        for path, digest in current.items():
-            if before.get(path) != digest and path not in changed:
+    for module, earlier in zip((live, tree), before):
+        for path, digest in portable_digests(module).items():
+            if earlier.get(path) != digest and path not in changed:
                 changed.append(path)
     return [_describe(live, path) for path in changed]
 
@@ -90,7 +93,8 @@ def _describe(live: nn.Module, path: str) -> str:
     return f"{path or type(live).__name__} ({what})"
 
 
-def check_no_side_effects(live: nn.Module, tree: nn.Module, before: dict[str, tuple]) -> None:
+def check_no_side_effects(live: nn.Module, tree: nn.Module,
+                          before: tuple[dict[str, tuple], dict[str, tuple]]) -> None:
     """Raise :class:`SideEffects` naming what a trace changed, if anything."""
     changed = side_effects(live, tree, before)
     if changed:

@@ -186,8 +186,8 @@ class AcceleratedUNet(PlanFollower):
         """Capture the UNet for ``call``, traced on a twin of its module tree whose processors
         of unknown purity are copies, refusing Python side effects (:mod:`fxprop.purity`)."""
         check_hooks(self.unet)  # hooks added since accelerate() would be skipped: refuse
-        before = portable_digests(self.unet)
         tree = isolate_processors(twin(self.unet))
+        before = (portable_digests(self.unet), portable_digests(tree))
         with capturing(self.unet):  # no other thread runs the UNet meanwhile (fxprop.calls)
             captured = capture(tree, call,
                                rebind(self._intercept.original_forward, self.unet, tree))

@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import Calibration, model_id
+from .calibration import Calibration, model_id, weights_digest
 from .capture import FlatCall, flatten_call
 from .forecast import check_forecast, signal_levels
 from .measure import Measurement, states
@@ -294,6 +294,7 @@ def _make(measurement: Measurement, chosen: Option, budget: dict, best: list[Opt
         forecast_reach=cut.reach, key_steps=chosen.key_steps, num_steps=measurement.num_steps,
         num_inference_steps=measurement.num_inference_steps,
         scheduler=type(measurement.scheduler).__name__, model=model_id(measurement.unet),
+        weights=weights_digest(measurement.unet),
         predicted_speedup=chosen.speedup, predicted_error=chosen.error,
         error_curve=error_curve(table, chosen.key_steps, measurement.num_steps, chosen.order),
         budget={k: v for k, v in budget.items() if v is not None},

@@ -2,7 +2,8 @@
 
 :class:`Calibration` is what :func:`fxprop.calibrate.calibrate` returns: the reuse mode, branch,
 forecast order and key steps it chose, what it was calibrated for (step count, scheduler class,
-model fingerprint) and what it predicts (FLOP-ideal speedup, error, the error of every step).
+model: its class, config and a digest of its weights) and what it predicts (FLOP-ideal
+speedup, error, the error of every step).
 It is saved and loaded as JSON, and turns into the keyword arguments of ``fxprop.accelerate``
 only for the step count and scheduler it was measured on (:meth:`accelerate_options`).
 """
@@ -17,12 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["Calibration", "FORMAT_VERSION", "model_id"]
+__all__ = ["Calibration", "FORMAT_VERSION", "model_id", "weights_digest"]
 
-#: Version of the JSON format; files of another version are refused.
-FORMAT_VERSION = 2
+#: Version of the JSON format; files of another version are refused (3: ``weights``).
+FORMAT_VERSION = 3
+#: Groups of parameters in :func:`weights_digest`, and values sampled from each parameter.
+DIGEST_GROUPS, DIGEST_SAMPLES = 16, 64
+#: Two digests name the same weights if no group differs by more than this (a model loaded in
+#: fp16 or bf16 moves a group by about 1e-4; other weights by about 0.03).
+DIGEST_TOLERANCE = 2e-3
 
 
 def model_id(unet: nn.Module) -> str:
@@ -40,6 +47,26 @@ def model_id(unet: nn.Module) -> str:
     return f"{type(unet).__name__}:{digest[:16]}"
 
 
+def weights_digest(unet: nn.Module) -> tuple[float, ...]:
+    """A cheap digest of the UNet's weights, the same in any dtype or device: the parameters in
+    :data:`DIGEST_GROUPS` groups (in order); a group's value is ``sum(s_k * w_k) / sum(|w_k|)``
+    over :data:`DIGEST_SAMPLES` evenly strided values of each of its parameters, with
+    alternating signs ``s_k``, so weights drawn independently (another checkpoint, another
+    seed) give values about 0.03 apart while a rounding of the same weights moves them by
+    about 1e-4. Parameters on the meta device (not loaded) are left out."""
+    tensors = [p.detach() for p in unet.parameters() if p.device.type != "meta"]
+    sums = torch.zeros(2, DIGEST_GROUPS, dtype=torch.float64)
+    for i, tensor in enumerate(tensors):
+        flat = tensor.reshape(-1)
+        sample = flat[::max(1, flat.numel() // DIGEST_SAMPLES)][:DIGEST_SAMPLES]
+        sample = sample.to("cpu", torch.float64)
+        signs = 1 - 2 * (torch.arange(len(sample)) % 2)
+        group = i * DIGEST_GROUPS // max(len(tensors), 1)
+        sums[0, group] += (sample * signs).sum()
+        sums[1, group] += sample.abs().sum()
+    return tuple(round(v, 6) for v in (sums[0] / sums[1].clamp_min(1e-30)).tolist())
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A schedule chosen from measured errors (see :mod:`fxprop.calibrate`).
@@ -53,6 +80,8 @@ class Calibration:
         scheduler: the scheduler's class name.
         model: :func:`model_id` of the UNet (its class and config, unlike
             :func:`fxprop.fingerprint`, which is the state captures depend on).
+        weights: :func:`weights_digest` of the UNet (empty: not checked, for hand-made
+            calibrations).
         predicted_speedup: FLOP-ideal speedup over plain sampling.
         predicted_error: predicted relative error of the final sample (root of the sum of
             ``error_curve``).
@@ -79,6 +108,7 @@ class Calibration:
     budget: dict = dataclasses.field(default_factory=dict, compare=False)
     alternatives: tuple = ()
     verified_error: float | None = None
+    weights: tuple[float, ...] = ()
     version: int = FORMAT_VERSION
 
     def accelerate_options(self, num_steps: int, scheduler: Any) -> dict:
@@ -105,6 +135,15 @@ class Calibration:
         found = model_id(unet)
         if found != self.model:
             raise ValueError(f"this calibration is for the model {self.model}, not {found}: "
+                             "calibrate again on this model")
+        if not self.weights:
+            return
+        ours = weights_digest(unet)
+        moved = (max(abs(a - b) for a, b in zip(ours, self.weights))
+                 if len(ours) == len(self.weights) else math.inf)
+        if moved > DIGEST_TOLERANCE:
+            raise ValueError(f"this calibration is for other weights of {self.model} (their "
+                             f"digest differs by {moved:.3g}, more than {DIGEST_TOLERANCE}): "
                              "calibrate again on this model")
 
     def policy_options(self, target: Any) -> dict:
@@ -150,6 +189,7 @@ class Calibration:
         data["key_steps"] = tuple(data["key_steps"])
         data["error_curve"] = tuple(data["error_curve"])
         data["alternatives"] = tuple(tuple(a) for a in data["alternatives"])
+        data["weights"] = tuple(float(w) for w in data["weights"])
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

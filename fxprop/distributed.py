@@ -13,7 +13,10 @@ computes half ``g % 2`` of share ``g // 2``. UNets compute every sample on its o
 the batch is exact.
 
 Before a generation's first exchange the ranks compare a digest of their plan, input
-signature and first latent with one small ``all_gather``; ranks that disagree all raise.
+signature, first latent and UNet (:func:`~fxprop.fingerprint.portable_fingerprint` and
+:func:`~fxprop.calibration.weights_digest`) with one small ``all_gather``, then, their input
+signatures being equal, the sums of every conditioning input (prompt embeddings, added
+conditions, ControlNet residuals) with another; ranks that disagree all raise, naming what.
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from torch import nn
+
+from .calibration import weights_digest
 from .capture import FlatCall
+from .fingerprint import portable_fingerprint
 from .parallel import map_batched
 
 __all__ = ["Ranks", "ranks_of", "shares", "own_steps", "local_call", "gather", "agree",
-           "plan_digest"]
+           "plan_digest", "inputs_digest"]
 
 
 @dataclass(frozen=True)
@@ -146,15 +153,31 @@ def gather(ranks: Ranks, outputs: tuple[torch.Tensor, ...], steps: range,
     return tuple(whole)
 
 
-def plan_digest(plan: Any, call: FlatCall, policy_text: str) -> dict[str, float]:
-    """What ranks must agree on before exchanging: the plan, the input signature, the policy
-    and the first latent (the seed), as numbers."""
+def plan_digest(plan: Any, call: FlatCall, policy_text: str,
+                unet: nn.Module | None = None) -> dict[str, float]:
+    """What ranks must agree on before exchanging: the plan, the input signature, the policy,
+    the first latent (the seed) and the UNet (its state and weights), as numbers."""
     sample = call.tensors[0].detach().double()
-    return {"steps": float(len(plan)), "latent size": float(sample.numel()),
-            "latent sum": float(sample.sum()), "latent abs sum": float(sample.abs().sum()),
-            _HASHED + "key steps": _hash(plan.is_key),
-            _HASHED + "timesteps": _hash(plan.timesteps),
-            _HASHED + "input shapes": _hash(call.key), _HASHED + "options": _hash(policy_text)}
+    digest = {"steps": float(len(plan)), "latent size": float(sample.numel()),
+              "latent sum": float(sample.sum()), "latent abs sum": float(sample.abs().sum()),
+              _HASHED + "key steps": _hash(plan.is_key),
+              _HASHED + "timesteps": _hash(plan.timesteps),
+              _HASHED + "input shapes": _hash(call.key), _HASHED + "options": _hash(policy_text)}
+    if unet is not None:
+        digest[_HASHED + "UNet state (processors, adapters, FreeU ...)"] = float(
+            portable_fingerprint(unet))
+        digest[_HASHED + "UNet weights"] = _hash(weights_digest(unet))
+    return digest
+
+
+def inputs_digest(call: FlatCall) -> dict[str, float]:
+    """The sum and absolute sum of every tensor input but the latent, by name (compared once
+    the ranks agree on the input signature, so every rank has the same fields)."""
+    digest = {}
+    for name, x in zip(call.names[1:], call.tensors[1:]):
+        x = x.detach().double()
+        digest[f"{name} sum"], digest[f"{name} abs sum"] = float(x.sum()), float(x.abs().sum())
+    return digest
 
 
 _HASHED = "#"   # a field compared by a hash: its values mean nothing to a reader
@@ -186,4 +209,5 @@ def agree(ranks: Ranks, digest: dict[str, float], device: torch.device) -> None:
     if differ:
         raise ValueError("fxprop: the ranks of the group disagree before their first exchange "
                          f"on {'; '.join(differ)}. Every rank must run the same pipeline call: "
-                         "the same step count, key steps, options, input shapes and seed")
+                         "the same step count, key steps, options, input shapes, seed, "
+                         "conditioning and UNet (weights, processors, adapters, FreeU)")

@@ -7,7 +7,11 @@ and which tensor objects are its parameters. :func:`fingerprint` hashes exactly 
 every module's attributes, so no list of methods that change a UNet has to be kept in step
 with diffusers: a capture is reused only while the fingerprint is unchanged. Parameter *values*
 are not part of it: captured graphs read the live parameters, so in-place edits need no new
-capture.
+capture. The grad and autocast modes a trace also bakes in are read by :func:`trace_modes`.
+
+:class:`Fingerprinter` reads the fingerprint again at every UNet call at a fraction of its cost
+(only modules whose attributes changed are digested again); :func:`portable_fingerprint` is
+its information without object identities, which processes compare.
 
 :func:`skipped_hooks` names the hooks a captured graph would not run: those of submodules
 (the graph inlines them) such as accelerate's sequential offload.
@@ -16,13 +20,17 @@ capture.
 from __future__ import annotations
 
 import functools
+import hashlib
+import operator
 import types
 from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["fingerprint", "skipped_hooks", "replaced_forward"]
+__all__ = ["fingerprint", "Fingerprinter", "portable_fingerprint", "portable_digests",
+           "trace_modes", "skipped_hooks", "replaced_forward"]
 
 #: Module attributes digested on their own (parameters and buffers by identity, dtype and
 #: device; submodules by the walk itself).
@@ -30,7 +38,8 @@ _OWN = frozenset({"_parameters", "_buffers", "_modules"})
 #: The root module's call wrappers (its hooks, accelerate's and diffusers' hook registries, a
 #: replaced ``forward``): they run around the captured forward, not inside it, and accelerate's
 #: model offload makes them anew at every pipeline call.
-_CALL_WRAPPERS = frozenset({"forward", "_old_forward", "_hf_hook", "_diffusers_hook"})
+_CALL_WRAPPERS = frozenset({"forward", "_old_forward", "_hf_hook", "_diffusers_hook",
+                            "__reduce_ex__"})  # the last: how fxprop's copies reduce
 #: How deep plain objects (attention processors, hook objects) are digested by value.
 _DEPTH = 2
 #: Functions are digested by identity (processors, which are callable objects, by value).
@@ -40,16 +49,117 @@ _FUNCTIONS = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, f
 def fingerprint(module: nn.Module) -> int:
     """A hash of what a graph captured from ``module`` depends on (see the module docstring).
 
-    Costs one walk over the module tree (about 20 ms for an SD-1.5 UNet on one CPU thread), so
-    the runtime computes it once per generation, not per step.
+    Costs one walk over the module tree (about 20 ms for an SD-1.5 UNet on one CPU thread);
+    :class:`Fingerprinter` gives the same value at a fraction of that when little changed.
     """
-    root = _root_digest(module)
-    return hash((root, *(_module_digest(m) for m in module.modules() if m is not module)))
+    root = hash(_root_digest(module))
+    return hash((root, *(hash(_module_digest(m)) for m in module.modules() if m is not module)))
+
+
+def _root_skip(key: str) -> bool:
+    return key in _CALL_WRAPPERS or key.startswith(
+        ("_forward_hooks", "_forward_pre_hooks", "_backward"))
 
 
 def _root_digest(module: nn.Module) -> tuple:
-    return _module_digest(module, lambda k: k in _CALL_WRAPPERS or k.startswith(
-        ("_forward_hooks", "_forward_pre_hooks", "_backward")))
+    return _module_digest(module, _root_skip)
+
+
+def trace_modes(device_type: str) -> tuple:
+    """The process state a trace bakes in besides the module: grad and inference mode, and
+    autocast (enabled, dtype) for the CPU and ``device_type`` (a graph captured under bf16
+    autocast computes in bf16 whatever the mode it later runs under)."""
+    types = sorted({"cpu", device_type})
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            tuple((t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types))
+
+
+class Fingerprinter:
+    """:func:`fingerprint` of one module tree, read again cheaply: each module's digest is kept
+    with the identity of its attribute values and the digests of its mutable ones (containers,
+    processors, tensors' metadata), and recomputed only when those differ. Identity suffices for
+    the rest: an immutable value held by the module cannot change while it is held. Cheap
+    enough to read at every UNet call (see tools/bench_fingerprint.py), so a capture is keyed by
+    the state it is taken in, and a change made by a callback mid-generation is seen."""
+
+    def __init__(self) -> None:
+        self._last: tuple[nn.Module | None, dict[int, _Memo]] = (None, {})
+
+    def __call__(self, module: nn.Module) -> int:
+        root, memo = self._last  # one tuple: threads may read at once, each sees a whole memo
+        entries = list(memo.values())
+        # every module valid, children lists included: the same tree, the same digests
+        if root is not module or not all(e.valid() for e in entries):
+            entries = [_current(memo.get(id(m)), m, m is module) for m in module.modules()]
+            self._last = (module, {id(e.module): e for e in entries})
+        return hash(tuple(e.hash for e in entries))
+
+
+_CONTAINERS = (dict, list, set, tuple, frozenset)
+_IMMUTABLE = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.device,
+                        type})
+
+
+def _current(entry: "_Memo | None", module: nn.Module, root: bool) -> "_Memo":
+    return entry if entry is not None and entry.module is module and entry.valid() else _Memo(
+        module, root)
+
+
+class _Memo:
+    """One module's digest and what it was computed from (see :class:`Fingerprinter`)."""
+
+    __slots__ = ("module", "type", "keys", "values", "empty", "full", "state", "digest", "hash")
+
+    def __init__(self, module: nn.Module, root: bool) -> None:
+        skip = _root_skip if root else None
+        self.module, self.type = module, type(module)
+        attributes = module.__dict__
+        self.keys, self.values = tuple(attributes), tuple(attributes.values())
+        mutable = [v for k, v in attributes.items() if not (skip and skip(k)) and _mutable(v)]
+        # most are empty hook dicts: one C-level any() tells whether one was filled
+        self.empty = tuple(v for v in mutable if isinstance(v, _CONTAINERS) and not v)
+        full = [v for v in mutable if not (isinstance(v, _CONTAINERS) and not v)]
+        # dicts of tensors and modules (parameters, buffers, children) by identity and meta
+        self.full = tuple((v, _of_tensors(v)) for v in full)
+        self.state = self._state()
+        self.digest = (_root_digest(module) if root else _module_digest(module))
+        self.hash = hash(self.digest)  # tuples do not cache their hash: nested ones cost
+
+    def _state(self) -> tuple:
+        return tuple(_shallow(v) if quick else _digest(v, 0) for v, quick in self.full)
+
+    def valid(self) -> bool:
+        """Whether the module's digest is still :attr:`digest`."""
+        attributes = self.module.__dict__
+        return (type(self.module) is self.type and tuple(attributes) == self.keys
+                and all(map(operator.is_, attributes.values(), self.values))
+                and not any(self.empty) and self._state() == self.state)
+
+
+def _of_tensors(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        v is None or isinstance(v, (torch.Tensor, nn.Module)) for v in value.values())
+
+
+def _shallow(items: dict) -> tuple:
+    """A dict of tensors and modules: keys, values' identities and tensors' metadata (no
+    references kept: a captured graph keeps the tensors it holds alive, so their ids are not
+    reused while a capture keyed by them exists)."""
+    return (tuple(items), tuple(map(id, items.values())),
+            tuple((t.dtype, t.device, t.shape) for t in items.values()
+                  if isinstance(t, torch.Tensor)))
+
+
+def _mutable(value: Any) -> bool:
+    """Whether ``value`` can change while the same object (a tuple only through its items)."""
+    kind = type(value)
+    if kind in _IMMUTABLE or isinstance(value, (nn.Module, *_FUNCTIONS)):
+        return False
+    if kind is tuple or kind is frozenset:
+        return not all(type(v) in _IMMUTABLE for v in value)
+    # diffusers' configs (FrozenDict) refuse every change once made; register_to_config sets
+    # a new one. The one class of a library named here: 17 of them cost a third of a read.
+    return not getattr(value, "_FrozenDict__frozen", False)
 
 
 def _module_digest(module: nn.Module, skip: Any = None) -> tuple:
@@ -86,6 +196,63 @@ def _digest(value: Any, depth: int) -> Any:
     if depth < _DEPTH and attributes is not None and not isinstance(value, _FUNCTIONS):
         return (type(value), tuple((k, _digest(v, depth + 1)) for k, v in attributes.items()))
     return (type(value), id(value))
+
+
+def portable_fingerprint(module: nn.Module) -> int:
+    """What :func:`fingerprint` reads, without object identities or device indices: equal in
+    two processes holding equal modules (the ranks of a process group compare it). A full walk
+    (tens of ms for SD-1.5): read once per distributed generation. A 48-bit integer."""
+    sha = hashlib.sha1()
+    for digest in portable_digests(module).items():
+        sha.update(repr(digest).encode())
+    return int(sha.hexdigest()[:12], 16)
+
+
+def portable_digests(module: nn.Module) -> dict[str, tuple]:
+    """Each submodule's part of :func:`portable_fingerprint`, by path: two module trees
+    compare module by module (a trace's side effects are found this way)."""
+    found = {}
+    for path, sub in module.named_modules():
+        skip = _root_skip if sub is module else None
+        attributes = tuple((k, _portable(v, 0)) for k, v in sub.__dict__.items()
+                           if k not in _OWN and not (skip and skip(k)))
+        tensors = tuple((k, _portable(t, 0)) for k, t in (*sub._parameters.items(),
+                                                           *sub._buffers.items()))
+        found[path] = (_qualname(type(sub)), attributes, tensors)
+    return found
+
+
+def _portable(value: Any, depth: int) -> Any:
+    """:func:`_digest` with names for identities (see :func:`portable_fingerprint`)."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype)):
+        return value
+    if isinstance(value, torch.device):
+        return value.type
+    if isinstance(value, torch.Tensor):
+        kind = "fake tensor" if isinstance(value, FakeTensor) else "tensor"
+        return (kind, value.dtype, tuple(value.shape), value.device.type)
+    if isinstance(value, type):
+        return _qualname(value)
+    if isinstance(value, nn.Module):
+        return ("module", _qualname(type(value)))
+    if isinstance(value, _FUNCTIONS):
+        return ("function", _name(value))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_portable(v, depth) for v in value]
+        return (type(value).__name__, tuple(sorted(items, key=repr) if isinstance(
+            value, (set, frozenset)) else items))
+    if isinstance(value, dict):
+        return ("dict", tuple((_portable(k, depth), _portable(v, depth))
+                              for k, v in value.items()))
+    attributes = getattr(value, "__dict__", None)
+    if depth < _DEPTH and attributes is not None:
+        return (_qualname(type(value)), tuple((k, _portable(v, depth + 1))
+                                              for k, v in attributes.items()))
+    return _qualname(type(value))
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def skipped_hooks(module: nn.Module) -> list[str]:

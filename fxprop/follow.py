@@ -63,7 +63,7 @@ class Generation:
     step: int = 0                   # the next step to run
     off_plan: bool = False
     frontiers: KeyFrontiers = None  # type: ignore[assignment]  # the last key frontiers
-    model_state: int | None = None  # the UNet's fingerprint at the first call (runtime's)
+    model_state: Any = None  # the state its frontier was computed in (runtime's, per key step)
 
     def __post_init__(self) -> None:
         if self.frontiers is None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from .capture import flatten_call
 from .config import Policy
+from .copying import copies_plain, forget, plain_reduce
 from .follow import FollowState, active_scope
 from .intercept import add_beneath, as_model_hook, registry_of, remove_beneath
 from .prior import increment, undefined_for
@@ -59,14 +60,20 @@ class PipelineCall(FollowState):
 
 @dataclass
 class PipelineAdapter:
-    """What fxprop added to one pipeline (nothing of any one call)."""
+    """What fxprop added to one pipeline (nothing of any one call). The pipeline owns it (in
+    its ``__dict__``), so it refers to the pipeline weakly: a dropped pipeline is freed with
+    its adapter and runtime, without waiting for the garbage collector."""
 
-    pipe: Any
+    pipe_ref: Any                           # weakref.ref to the pipeline
     runtime: AcceleratedUNet
     original_class: type
     prior_noise: float
     explicit_prior_noise: bool
     controlnet: nn.Module | None = None
+
+    @property
+    def pipe(self) -> Any:
+        return self.pipe_ref()
 
     def new_call(self) -> PipelineCall:
         """A fresh call state, with the prior noise weight this call's scheduler allows."""
@@ -125,11 +132,23 @@ def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     adapter = self.__dict__.get(_ATTR)
     if adapter is None:  # made by from_pipe on the accelerated class: a plain pipeline
         return type(self).fxprop_original_class.__call__(self, *args, **kwargs)
+    adapter = _follow_unet(self, adapter)
     call = adapter.new_call()
     if call.prior_noise:
         kwargs = _with_callback(adapter, call, kwargs)
     with adapter.runtime.scope(call):
         return adapter.original_class.__call__(self, *args, **kwargs)
+
+
+def _follow_unet(pipe: Any, adapter: PipelineAdapter) -> PipelineAdapter:
+    """The adapter of ``pipe`` for the UNet it has now: after ``pipe.unet = other``, ``pipe``
+    is accelerated again with the same policy (the old UNet's runtime is released)."""
+    if pipe.unet is adapter.runtime.unet:
+        return adapter
+    runtime = adapter.runtime
+    accelerate_pipeline(pipe, runtime.policy, adapter.explicit_prior_noise,
+                        compile=runtime.compile_options)
+    return pipe.__dict__[_ATTR]
 
 
 def _with_callback(adapter: PipelineAdapter, call: PipelineCall, kwargs: dict) -> dict:
@@ -171,6 +190,12 @@ def _prepare_latents(self: Any, *args: Any, **kwargs: Any) -> Any:
     return (latents, *out[1:]) if isinstance(out, tuple) else latents
 
 
+def _reduce_ex(self: Any, protocol: int) -> tuple:
+    """Copies and pickles of an accelerated pipeline are plain pipelines of its original class
+    (their UNet a plain copy, :mod:`fxprop.copying`): accelerate a copy again to accelerate it."""
+    return plain_reduce(self, type(self).fxprop_original_class, _ATTR, protocol)
+
+
 class KeyStepsOnly:
     """On a ControlNet: inside an accelerated pipeline's call, its residuals are computed at
     key steps only (encoder propagation reads them there); at other steps the key step's are
@@ -180,12 +205,15 @@ class KeyStepsOnly:
 
     def __init__(self) -> None:
         super().__init__()
-        self.gating: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> adapter
+        # runtime -> weakref to its adapter (which holds the runtime: a strong value would keep
+        # the key, and with it every per-request pipeline, alive)
+        self.gating: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         original = self.fn_ref.original_forward
         scope = active_scope()
-        adapter = None if scope is None else self.gating.get(scope.follower)
+        ref = None if scope is None else self.gating.get(scope.follower)
+        adapter = None if ref is None else ref()
         if adapter is None or not isinstance(scope.state, PipelineCall):
             return original(*args, **kwargs)
         call, key = scope.state, flatten_call(original, args, kwargs).key
@@ -203,7 +231,7 @@ def _accelerated_class(cls: type) -> type:
     """One cached subclass per pipeline class: adds behaviour without touching the class."""
     if cls not in _SUBCLASSES:
         methods: dict[str, Any] = {"__call__": _call, "__module__": __name__,
-                                   "fxprop_original_class": cls}
+                                   "fxprop_original_class": cls, "__reduce_ex__": _reduce_ex}
         if hasattr(cls, "prepare_latents"):
             methods["prepare_latents"] = _prepare_latents
         # The same name: configs (``_class_name`` in save_pretrained) name the user's class.
@@ -240,8 +268,9 @@ def accelerate_pipeline(pipe: Any, policy: Policy, explicit_prior_noise: bool,
     cls = type(pipe) if previous is None else previous.original_class
     prior_noise = _resolve_prior_noise(pipe, cls, policy, explicit_prior_noise)
     runtime = AcceleratedUNet(pipe.unet, policy, compile=compile)  # shares the UNet's captures
-    runtime.timestep_source = lambda: pipe.scheduler
-    adapter = PipelineAdapter(pipe, runtime, cls, prior_noise, explicit_prior_noise)
+    ref = weakref.ref(pipe)
+    runtime.timestep_source = lambda: ref().scheduler  # weak: the pipeline owns the runtime
+    adapter = PipelineAdapter(ref, runtime, cls, prior_noise, explicit_prior_noise)
     try:
         adapter.prior_noise_for(pipe.scheduler)  # an explicit weight it cannot take: raise now
     except ValueError:
@@ -263,8 +292,9 @@ def _gate_controlnet(pipe: Any, adapter: PipelineAdapter) -> None:
     if gate is None:
         gate = as_model_hook(KeyStepsOnly)()
         add_beneath(controlnet, gate, _GATE)
-    gate.gating[adapter.runtime] = adapter
+    gate.gating[adapter.runtime] = weakref.ref(adapter)
     adapter.controlnet = controlnet
+    copies_plain(controlnet, _GATE)
 
 
 def _ungate_controlnet(adapter: PipelineAdapter) -> None:
@@ -275,6 +305,7 @@ def _ungate_controlnet(adapter: PipelineAdapter) -> None:
         gate.gating.pop(adapter.runtime, None)
         if not gate.gating:
             remove_beneath(adapter.controlnet, _GATE)
+            forget(adapter.controlnet, _GATE)
 
 
 def restore_pipeline(pipe: Any) -> Any:

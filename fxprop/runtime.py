@@ -5,18 +5,23 @@
 its scopes is active (its own call, or a pipeline call), the step function of
 :class:`~fxprop.follow.PlanFollower`: the full graph at a key step (output and frontier), else
 the every-step part on the cached or forecast frontier. Graphs come from the UNet's capture
-cache, keyed by what the UNet is (:func:`~fxprop.fingerprint.fingerprint`, read once per
-generation) and the call signature. Cross-step state belongs to the generation, which belongs
-to its scope: the last key frontiers (:mod:`fxprop.forecast`) and, in parallel mode, the
-outputs of the current chunk of steps (:mod:`fxprop.parallel`). Any call that does not match
-the plan runs the original forward, which is always correct, and warns once.
+cache, keyed by the state they are taken in (:meth:`~fxprop.cache.CaptureCache.state`: the
+UNet's fingerprint and the grad and autocast modes, read at every call) and the call signature.
+A state that changes within a generation (a callback toggling FreeU or an IP-Adapter scale) is
+seen at the next key step; at a non-key step the frontier was computed in the old state, so
+the generation leaves its plan and runs the whole UNet, with one warning. Captures trace a
+twin of the UNet's module tree (:mod:`fxprop.twin`) and refuse processors with Python side
+effects (:mod:`fxprop.purity`). Cross-step state belongs to the generation,
+which belongs to its scope: the last key frontiers (:mod:`fxprop.forecast`) and, in parallel
+mode, the outputs of the current chunk of steps (:mod:`fxprop.parallel`). Any call that does
+not match the plan runs the original forward, which is always correct, and warns once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -26,16 +31,20 @@ from torch.profiler import record_function
 from .capture import Captured, FlatCall, capture, flatten_call
 from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
-from .distributed import (Ranks, agree, gather, local_call, own_steps, plan_digest,
-                          ranks_of)
-from .fingerprint import fingerprint
+from .calls import capturing
+from .copying import copies_plain, forget
+from .distributed import (Ranks, agree, gather, inputs_digest, local_call, own_steps,
+                          plan_digest, ranks_of)
+from .fingerprint import portable_digests
 from .follow import FollowState, Generation, PlanFollower, Scope, TimestepSource, scoped
-from .intercept import NOT_PLANNED, check_hooks, intercept, intercepted, release
+from .intercept import NAME, NOT_PLANNED, check_hooks, intercept, intercepted, release
 from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
                        repeated_call, steps_per_call, timestep_vector)
 from .plan import Plan
+from .purity import SideEffects, check_no_side_effects, isolate_processors
 from .regions import resolve_layout
 from .split import Parts, split
+from .twin import rebind, twin
 
 __all__ = ["AcceleratedUNet", "TimestepSource", "plain_unet"]
 
@@ -60,6 +69,7 @@ class AcceleratedUNet(PlanFollower):
         # a bad process group raises here, before the UNet is intercepted
         self._ranks = (policy, ranks_of(policy.group, policy.cfg_parallel))
         self._intercept = intercept(self.unet, self)
+        copies_plain(self.unet, NAME)  # a deep copy or pickle of the UNet is the plain UNet
         self._timestep_name = _timestep_name(self._intercept.original_forward)
 
     def __getattr__(self, name: str) -> Any:
@@ -98,6 +108,8 @@ class AcceleratedUNet(PlanFollower):
         """This runtime no longer runs the UNet (what :func:`fxprop.restore` does); the UNet
         is no longer intercepted once no runtime of it is left."""
         release(self.unet, self)
+        if intercepted(self.unet) is None:
+            forget(self.unet, NAME)
 
     @contextlib.contextmanager
     def scope(self, state: FollowState | None = None) -> Iterator[Scope]:
@@ -118,28 +130,48 @@ class AcceleratedUNet(PlanFollower):
     def planned(self, args: tuple, kwargs: dict) -> Any:
         """The UNet's output by the plan, or ``NOT_PLANNED`` (the caller runs the original)."""
         call = flatten_call(self._intercept.original_forward, args, kwargs)
-        gen = self._on_plan(call.timestep)
-        if gen is None:
+        if torch.is_grad_enabled() and any(x.requires_grad for x in call.tensors):
+            # a call differentiated by its caller (Attend-and-Excite's latent updates): its
+            # Python (processors storing attention maps) must run; not a step of the plan
             return NOT_PLANNED
-        if gen.model_state is None:
-            gen.model_state = self.model_state()
+        gen = self._on_plan(call.timestep)
+        if gen is None or not self._same_state(gen, self.model_state(call)):
+            return NOT_PLANNED
         call = self._local(gen, call)
-        captured, parts = self.parts_for(call, gen.model_state)  # may raise: step not consumed
+        try:
+            captured, parts = self.parts_for(call, gen.model_state)  # may raise: not consumed
+        except SideEffects as err:  # the whole UNet runs its Python at every step
+            gen.leave_plan()
+            self._warn(str(err))
+            return NOT_PLANNED
         out = self.run_planned(gen, call, parts)
         if out is None:
             return NOT_PLANNED
         return pytree.tree_unflatten(list(out), captured.out_spec)
 
-    def model_state(self) -> int:
-        """The UNet's fingerprint now: what its captured graphs are valid for."""
-        return fingerprint(self.unet)
+    def model_state(self, call: FlatCall) -> Hashable:
+        """The state a graph captured now for ``call`` is valid for (UNet and trace modes)."""
+        return self._intercept.captures.state(self.unet, call.tensors[0])
 
-    def parts_for(self, call: FlatCall, state: int | None = None) -> tuple[Captured, Parts]:
-        """Captured graph and parts for this call's signature and the UNet's ``state``
-        (default: now), captured (and, with ``compile=``, wrapped by ``torch.compile``) on
-        first use; cached in the UNet's capture cache."""
-        state = self.model_state() if state is None else state
-        entry = self._intercept.captures.entry(state, call.key, lambda: self._capture(call))
+    def _same_state(self, gen: Generation, state: Hashable) -> bool:
+        """Take ``state`` for the coming step; False (and leave the plan) at a non-key step
+        whose frontier was computed in another state: only the whole UNet is exact there."""
+        if gen.model_state in (None, state) or gen.plan.is_key[gen.step]:
+            gen.model_state = state
+            return True
+        gen.leave_plan()
+        self._warn(f"the UNet or the grad/autocast mode changed at step {gen.step}, after the "
+                   "key step whose features it would reuse (e.g. a callback toggled FreeU or "
+                   "an IP-Adapter scale; such changes are seen from the next key step)")
+        return False
+
+    def parts_for(self, call: FlatCall, state: Hashable = None) -> tuple[Captured, Parts]:
+        """Captured graph and parts for this call's signature and ``state`` (default: now),
+        captured (and, with ``compile=``, wrapped by ``torch.compile``) on first use; cached
+        in the UNet's capture cache."""
+        state = self.model_state(call) if state is None else state
+        entry = self._intercept.captures.entry(state, call.key, lambda: self._capture(call),
+                                               self.unet)
         parts = entry.get(("parts", self.policy.cut_id, self.layout, repr(self.compile_options)),
                           lambda: compile_parts(self._split(entry.captured),
                                                 self.compile_options))
@@ -151,8 +183,16 @@ class AcceleratedUNet(PlanFollower):
         return captured, self._split(captured)
 
     def _capture(self, call: FlatCall) -> Captured:
+        """Capture the UNet for ``call``, traced on a twin of its module tree whose processors
+        of unknown purity are copies, refusing Python side effects (:mod:`fxprop.purity`)."""
         check_hooks(self.unet)  # hooks added since accelerate() would be skipped: refuse
-        return capture(self.unet, call, self._intercept.original_forward)
+        tree = isolate_processors(twin(self.unet))
+        before = (portable_digests(self.unet), portable_digests(tree))
+        with capturing(self.unet):  # no other thread runs the UNet meanwhile (fxprop.calls)
+            captured = capture(tree, call,
+                               rebind(self._intercept.original_forward, self.unet, tree))
+        check_no_side_effects(self.unet, tree, before)  # e.g. an attention store: refuse
+        return captured
 
     def _split(self, captured: Captured) -> Parts:
         return split(captured, self.policy.cut(captured, self.layout))
@@ -165,8 +205,9 @@ class AcceleratedUNet(PlanFollower):
         if self.ranks is None:
             return call
         if not gen.agreed:
-            agree(self.ranks, plan_digest(gen.plan, call, repr(self.policy)),
-                  call.tensors[0].device)
+            device = call.tensors[0].device
+            agree(self.ranks, plan_digest(gen.plan, call, repr(self.policy), self.unet), device)
+            agree(self.ranks, inputs_digest(call), device)  # the same fields: shapes agree
             gen.agreed = True
         return local_call(self._intercept.original_forward, call, self.ranks)
 
@@ -242,7 +283,7 @@ class AcceleratedUNet(PlanFollower):
         """Parts of the UNet captured at ``times`` x this call's batch (cached with the
         captured graph of ``call``)."""
         entry = self._intercept.captures.entry(gen.model_state, call.key,
-                                               lambda: self._capture(call))
+                                               lambda: self._capture(call), self.unet)
 
         def make() -> Parts:
             repeated = repeated_call(self._intercept.original_forward, call, times,

@@ -2,7 +2,7 @@
 
 Four ranks. The world runs SD with CFG split in halves and shares (cfg_parallel, 2 x 2); the
 pairs {0, 1} and {2, 3} run segment parallelism on two pipelines each; every rank runs a group
-of one; then the pairs run calls that disagree (steps, seed, shapes). Each rank saves, per
+of one; then the pairs run calls that disagree (steps, seed, shapes, prompt, FreeU on one rank). Each rank saves, per
 case, its output, sequential mode's in one process if it computed it (one rank per group does),
 and the parts it ran, and the errors it raised to
 ``<out>/rank<r>.pt``; the test compares them.
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import fxprop
-from conftest import decoder_attn_unet, make_scheduler, part_calls, sd_pipeline
+from conftest import decoder_attn_unet, make_scheduler, part_calls, sd_pipeline, text_embeds
 from test_pipelines import CASES
 
 KEY_STEPS = [0, 3]   # 6 steps: two segments of 3, shared 2 + 1 between two ranks
@@ -39,13 +39,16 @@ class Case:
         self.runtime = fxprop.runtime_of(self.pipe)
 
     def run(self, group=None, scheduler="ddim", seed=0, steps=STEPS, size=None, parallel=True,
-            **options):
-        """The latents over ``group`` (None: this process alone)."""
+            prompt=None, **options):
+        """The latents over ``group`` (None: this process alone); ``prompt``: the seed of other
+        prompt embeddings."""
         self.runtime.policy = fxprop.EncoderPropagation(key_steps=KEY_STEPS, parallel=parallel,
                                                         group=group, **options)
         self.pipe.scheduler = make_scheduler(scheduler)
         call = self.kwargs() if size is None else {**self.kwargs(), "height": size,
                                                    "width": size}
+        if prompt is not None:
+            call.update(text_embeds(1, seed=prompt))
         return self.pipe(**call, num_inference_steps=steps, output_type="latent",
                          generator=torch.Generator().manual_seed(seed)).images
 
@@ -59,11 +62,15 @@ class Case:
             distributed = self.run(group, **options)
         return distributed, self.run(None, parallel=False, **alone) if reference else None, ran
 
-    def error(self, group, **options) -> str:
+    def error(self, group, freeu=False, **options) -> str:
+        if freeu:
+            self.pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.4, b2=1.6)
         try:
             self.run(group, **options)
         except ValueError as e:
             return str(e)
+        finally:
+            self.pipe.disable_freeu()
         return "no error"
 
 
@@ -92,7 +99,9 @@ def main(out: str) -> None:
                                     Counter())
     errors = {"steps": sd.error(pair, steps=STEPS if first else STEPS + 1),
               "seed": sd.error(pair, seed=0 if first else 1),
-              "shapes": sd.error(pair, size=16 if first else 24)}
+              "shapes": sd.error(pair, size=16 if first else 24),
+              "prompt": sd.error(pair, prompt=None if first else 5),
+              "freeu": sd.error(pair, freeu=not first)}
     print(f"rank {rank}: {time.perf_counter() - clock:.1f} s", flush=True)
     torch.save({"results": results, "errors": errors}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()

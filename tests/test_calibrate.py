@@ -17,7 +17,7 @@ import fxprop
 from conftest import decoder_attn_unet, make_scheduler, sample_of
 from fxprop.calibrate import calibrate, other_noise, states
 from fxprop.measure import output_errors
-from fxprop.calibration import Calibration
+from fxprop.calibration import FORMAT_VERSION, Calibration
 from fxprop.optimise import check_budget, choose, options, pareto, schedule_error
 
 torch.set_num_threads(1)
@@ -127,7 +127,7 @@ def test_calibration_of_another_version_or_no_calibration_is_refused(tmp_path):
     (tmp_path / "v.json").write_text(json.dumps({**data, "version": 99}))
     with pytest.raises(ValueError, match="format version 99 is not supported"):
         Calibration.load(tmp_path / "v.json")
-    (tmp_path / "x.json").write_text(json.dumps({"version": 2, "reuse": "deep"}))
+    (tmp_path / "x.json").write_text(json.dumps({"version": FORMAT_VERSION, "reuse": "deep"}))
     with pytest.raises(ValueError, match="not a calibration: missing"):
         Calibration.load(tmp_path / "x.json")
 
@@ -320,6 +320,20 @@ def test_a_generation_that_changes_signature_midway_is_refused(digits):
     with pytest.raises(ValueError, match="UNet call 2 has other input shapes"):
         calibrate(digits.unet, [loop], scheduler=make_scheduler("ddim"), max_error=1.0,
                   progress=False)
+
+
+def test_the_shipped_calibration_names_its_weights(digits):
+    """Issue 25, row 11: the same config with other weights is another model (it was accepted:
+    the id hashed class and config only); the same weights in bf16 are the same model."""
+    from fxprop.demo import DIGITS_CALIBRATION
+
+    shipped = Calibration.load(DIGITS_CALIBRATION)
+    shipped.check_model(digits.unet)
+    other = type(digits.unet).from_config(digits.unet.config)  # its own random weights
+    with pytest.raises(ValueError, match="calibration is for other weights of UNet2D"):
+        fxprop.accelerate(type(digits)(**{**digits.components, "unet": other}), shipped)
+    other.load_state_dict({k: v.bfloat16() for k, v in digits.unet.state_dict().items()})
+    shipped.check_model(other.to(torch.bfloat16))
 
 
 @pytest.mark.slow  # ~9 s: 50-step generations

@@ -169,3 +169,6 @@ def test_ranks_that_disagree_all_raise_before_exchanging(ranks):
         assert "first exchange on latent sum (rank 0: " in errors["seed"], r
         assert "latent size (rank 0: 512, rank 1: 1152)" in errors["shapes"], r
         assert "input shapes (they differ)" in errors["shapes"], r
+        # issue 25, row 10: these ran with each rank's own inputs, mixed by the exchange
+        assert "first exchange on encoder_hidden_states sum (rank 0: " in errors["prompt"], r
+        assert "UNet state (processors, adapters, FreeU ...) (they differ)" in errors["freeu"], r

@@ -63,6 +63,7 @@ def _torchvision_stand_ins() -> Iterator[None]:
             return
         except Exception:  # a torchvision built for another torch
             pass
+    _probe_torchvision_first()
     added = [name for name in TORCHVISION if name not in sys.modules]
     for name in added:
         module = types.ModuleType(name)
@@ -74,6 +75,22 @@ def _torchvision_stand_ins() -> Iterator[None]:
     finally:
         for name in added:
             sys.modules.pop(name, None)
+
+
+#: Libraries that ask once whether torchvision is installed and remember the answer.
+TORCHVISION_PROBES = ("transformers.utils.import_utils", "diffusers.utils.import_utils")
+
+
+def _probe_torchvision_first() -> None:
+    """Let every library in :data:`TORCHVISION_PROBES` ask before the stand-ins exist: asked
+    while they do (ComfyUI imports transformers), transformers remembers torchvision as
+    installed and fails in later tests of the same worker."""
+    for name in TORCHVISION_PROBES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        module.is_torchvision_available()
 
 
 def load_comfy() -> types.SimpleNamespace:

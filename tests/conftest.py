@@ -157,11 +157,12 @@ QUICK_BUILD = {"cpp.vec_isa_ok": False, "aot_inductor.compile_wrapper_opt_level"
 
 #: Test files by their cost in one worker, heaviest first, as measured (seconds, full suite,
 #: 2 workers): distributed 56 (4 ranks, and it slows the other worker), models 88, export 80,
-#: workflows 56, deep_any 20, pipelines 54, parallel 44, generation_state 42. A scheduling hint,
-#: nothing depends on it: ``--dist loadfile`` hands files out in this order, so the long ones
-#: start first instead of leaving one worker running alone at the end (the others follow in
-#: collection order).
-HEAVIEST_FIRST = ["test_distributed.py", "test_models.py", "test_export.py", "test_workflows.py",
+#: comfyui 45, workflows 56, deep_any 20, pipelines 54, parallel 44, generation_state 42. A
+#: scheduling hint, nothing depends on it: ``--dist loadfile`` hands files out in this order,
+#: so the long ones start first instead of leaving one worker running alone at the end (the
+#: others follow in collection order).
+HEAVIEST_FIRST = ["test_distributed.py", "test_models.py", "test_export.py", "test_comfyui.py",
+                  "test_workflows.py",
                   "test_deep_any_unet.py", "test_pipelines.py", "test_parallel.py",
                   "test_generation_state.py"]
 

@@ -339,7 +339,7 @@ def test_compiled_forecast_has_no_graph_break_and_no_recompile(fresh_dynamo):
 
 @pytest.mark.slow  # ~9 s; export is in test_export
 def test_export_follows_the_same_forecast(unet, runtimes, tmp_path):
-    acc = _with(runtimes[0], forecast=2)
+    acc = _with(runtimes[0], forecast=2, forecast_in="step")  # the loop passes no signal levels
     latents, context = _inputs()
     fxprop.export(acc, tmp_path, latents[0], TIMESTEPS[0], encoder_hidden_states=context)
     loaded = fxprop.load(tmp_path)

@@ -163,12 +163,14 @@ def _plain_graph(graph: fx.Graph, names: list[str]) -> fx.Graph:
     return new
 
 
-def capture(unet: nn.Module, call: FlatCall, forward: Callable | None = None) -> Captured:
+def capture(unet: nn.Module, call: FlatCall, forward: Callable | None = None,
+            tree: nn.Module | None = None) -> Captured:
     """Capture ``unet`` for this call's signature; parameters stay shared with ``unet``.
 
     ``forward``: what to trace instead of calling ``unet`` (the forward beneath fxprop's own
-    interception, so that the capture neither re-enters it nor traces hooks above it)."""
-    double = twin(unet)  # export swaps fake tensors into the twin, never into the user's UNet
+    interception, so that the capture neither re-enters it nor traces hooks above it).
+    ``tree``: the twin of ``unet`` to trace (default: :func:`~fxprop.twin.twin` of it)."""
+    double = twin(unet) if tree is None else tree  # export swaps fakes into the twin only
     flat = _FlatUNet(double, call, rebind(forward, unet, double))
     with torch.no_grad(), capturing(unet):  # no other thread runs the UNet meanwhile
         exported = _export(flat, call, type(unet).__name__)

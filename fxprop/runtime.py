@@ -31,7 +31,6 @@ from torch.profiler import record_function
 from .capture import Captured, FlatCall, capture, flatten_call
 from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
-from .calls import capturing
 from .copying import copies_plain, forget
 from .distributed import (Ranks, agree, gather, inputs_digest, local_call, own_steps,
                           plan_digest, ranks_of)
@@ -44,7 +43,7 @@ from .plan import Plan
 from .purity import SideEffects, check_no_side_effects, isolate_processors
 from .regions import resolve_layout
 from .split import Parts, split
-from .twin import rebind, twin
+from .twin import twin
 
 __all__ = ["AcceleratedUNet", "TimestepSource", "plain_unet"]
 
@@ -188,9 +187,7 @@ class AcceleratedUNet(PlanFollower):
         check_hooks(self.unet)  # hooks added since accelerate() would be skipped: refuse
         tree = isolate_processors(twin(self.unet))
         before = (portable_digests(self.unet), portable_digests(tree))
-        with capturing(self.unet):  # no other thread runs the UNet meanwhile (fxprop.calls)
-            captured = capture(tree, call,
-                               rebind(self._intercept.original_forward, self.unet, tree))
+        captured = capture(self.unet, call, self._intercept.original_forward, tree)
         check_no_side_effects(self.unet, tree, before)  # e.g. an attention store: refuse
         return captured
 

@@ -15,7 +15,6 @@ class's forward and never calls back into the user's module.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 from torch import nn
@@ -28,8 +27,11 @@ def twin(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Modu
     memo = {} if memo is None else memo
     if id(module) in memo:
         return memo[id(module)]
-    double = memo[id(module)] = copy.copy(module)
+    # not copy.copy: a class's copy protocol may re-run __init__ (einops' Rearrange), and an
+    # intercepted module's own __reduce_ex__ drops fxprop's hooks (fxprop.copying)
+    double = memo[id(module)] = object.__new__(type(module))
     state = double.__dict__
+    state.update(module.__dict__)
     state["_parameters"] = dict(module._parameters)
     state["_buffers"] = dict(module._buffers)
     state["_modules"] = {name: None if child is None else twin(child, memo)

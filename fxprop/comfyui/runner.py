@@ -11,8 +11,9 @@ by the sigma ComfyUI passes in ``transformer_options["sigmas"]`` (:mod:`fxprop.g
 repeated rounded timesteps, Heun's second calls and midpoints are placed by the rules of
 k-diffusion grids. Runtime state lives in the run's :class:`~fxprop.follow.Scope`, never in
 ``model_options`` (which ``clone()`` deep-copies); captured graphs live in a cache per UNet
-module, keyed by its fingerprint (LoRA weights patched in or restored: a new capture) and the
-call signature.
+module, keyed by the state they are taken in (its fingerprint, grad and autocast modes: LoRA
+weights patched in or restored make a new capture, whose entry drops the graphs holding weights
+the UNet no longer has) and the call signature.
 
 What it cannot run right it refuses, in ComfyUI's log and as a warning, running the whole UNet:
 lowvram partial loading (modules that cast or patch their weights per call), other nodes'
@@ -26,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from typing import Any
+from typing import Any, Hashable
 
 import torch
 import torch.utils._pytree as pytree
@@ -36,7 +37,6 @@ from ..cache import CaptureCache
 from ..capture import Captured, FlatCall, capture
 from ..compile import compile_options, compile_parts
 from ..config import Policy
-from ..fingerprint import fingerprint
 from ..follow import FollowState, Generation, PlanFollower, Scope, active_scope, scoped
 from ..intercept import NOT_PLANNED, check_hooks
 from ..plan import Plan
@@ -179,7 +179,7 @@ class ComfyRunner(PlanFollower):
             reason = lowvram_reason(unet)
             if reason is not None:
                 return self._refuse(reason)
-            gen.model_state = fingerprint(unet)
+            gen.model_state = capture_cache(unet).state(unet, call.flat.tensors[0])
         try:
             captured, parts = self.parts_for(unet, forward, call.flat, gen.model_state)
         except Exception as err:  # any capture or cut failure: run ComfyUI's own forward
@@ -206,13 +206,13 @@ class ComfyRunner(PlanFollower):
     # -- captured graphs ------------------------------------------------------------------------
 
     def parts_for(self, unet: nn.Module, forward: Any, call: FlatCall,
-                  state: int) -> tuple[Captured, Parts]:
+                  state: Hashable) -> tuple[Captured, Parts]:
         """Captured graph and parts of ``unet`` for ``call`` in ``state`` (cached per UNet)."""
         def make_capture() -> Captured:
             check_hooks(unet)
             return capture(unet, call, forward)
 
-        entry = capture_cache(unet).entry(state, call.key, make_capture)
+        entry = capture_cache(unet).entry(state, call.key, make_capture, owner=unet)
         key = ("parts", self.policy.cut_id, repr(self.compile_options))
         return entry.captured, entry.get(key, lambda: self._split(unet, entry.captured))
 

@@ -18,7 +18,7 @@ from .patch import patch_model
 from .runner import ComfyRunner
 
 __all__ = ["FxpropEncoderPropagation", "FxpropDeepCache", "NODE_CLASS_MAPPINGS",
-           "NODE_DISPLAY_NAME_MAPPINGS", "key_steps"]
+           "NODE_DISPLAY_NAME_MAPPINGS"]
 
 CATEGORY = "model_patches/fxprop"
 
@@ -45,7 +45,7 @@ def _optional() -> dict:
                                   "or a preset ('faster-diffusion'); empty: every interval-th"})}
 
 
-def key_steps(interval: int, text: str = "") -> Any:
+def _key_steps(interval: int, text: str = "") -> Any:
     """``key_steps`` of a policy from the nodes' inputs: ``text`` (a comma-separated list of
     steps or a preset name) if given, else ``interval``."""
     text = text.strip()
@@ -60,58 +60,48 @@ def key_steps(interval: int, text: str = "") -> Any:
     return text
 
 
-def _patch(model: Any, reuse: str, interval: int, start_percent: float, end_percent: float,
-           steps: str = "", **options: Any) -> tuple:
-    policy = make_policy(reuse, key_steps=key_steps(interval, steps), **options)
-    return (patch_model(model, ComfyRunner(policy, start_percent, end_percent)),)
+class _FxpropNode:
+    """What both nodes share: MODEL in, a clone patched with a runner of the node's ``reuse``
+    out; ``own`` are the node's own inputs, passed on as policy options."""
+
+    reuse: str
+    own: dict
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"model": ("MODEL",), **_common(), **cls.own},
+                "optional": _optional()}
+
+    def patch(self, model: Any, interval: int, forecast: int, start_percent: float,
+              end_percent: float, key_steps: str = "", **own: Any) -> tuple:
+        policy = make_policy(self.reuse, key_steps=_key_steps(interval, key_steps),
+                             forecast=forecast, **own)
+        return (patch_model(model, ComfyRunner(policy, start_percent, end_percent)),)
 
 
-class FxpropEncoderPropagation:
+class FxpropEncoderPropagation(_FxpropNode):
     """Faster Diffusion's encoder propagation: the encoder runs at key steps only, the decoder
     every step on the cached skip features."""
 
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model": ("MODEL",), **_common(),
-            "prior_noise": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.1, "step": 0.001,
-                                      "tooltip": "weight of the initial noise added to the UNet"
-                                                 " input at steps with t < T/2 (paper: 0.003)"}),
-        }, "optional": _optional()}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
-    CATEGORY = CATEGORY
+    reuse = "encoder"
+    own = {"prior_noise": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.1, "step": 0.001,
+                                     "tooltip": "weight of the initial noise added to the UNet "
+                                                "input at steps with t < T/2 (paper: 0.003)"})}
     DESCRIPTION = "fxprop: encoder propagation (Faster Diffusion) as a cut of the captured UNet."
 
-    def patch(self, model: Any, interval: int, forecast: int, start_percent: float,
-              end_percent: float, prior_noise: float, key_steps: str = "") -> tuple:
-        return _patch(model, "encoder", interval, start_percent, end_percent, key_steps,
-                      forecast=forecast, prior_noise=prior_noise)
 
-
-class FxpropDeepCache:
+class FxpropDeepCache(_FxpropNode):
     """DeepCache's deep-feature caching: the whole UNet at key steps, only the shallow branch
     on the cached deep feature at the others."""
 
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model": ("MODEL",), **_common(),
-            "branch": ("INT", {"default": 0, "min": 0, "max": 11,
-                               "tooltip": "the skip connection whose deep feature is cached "
-                                          "(0: the shallowest, fastest)"}),
-        }, "optional": _optional()}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
-    CATEGORY = CATEGORY
+    reuse = "deep"
+    own = {"branch": ("INT", {"default": 0, "min": 0, "max": 11,
+                              "tooltip": "the skip connection whose deep feature is cached "
+                                         "(0: the shallowest, fastest)"})}
     DESCRIPTION = "fxprop: deep-feature caching (DeepCache) as a cut of the captured UNet."
-
-    def patch(self, model: Any, interval: int, forecast: int, start_percent: float,
-              end_percent: float, branch: int, key_steps: str = "") -> tuple:
-        return _patch(model, "deep", interval, start_percent, end_percent, key_steps,
-                      forecast=forecast, branch=branch)
 
 
 NODE_CLASS_MAPPINGS = {"FxpropEncoderPropagation": FxpropEncoderPropagation,

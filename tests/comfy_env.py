@@ -52,7 +52,7 @@ def comfy_path() -> Path | None:
 
 
 @contextlib.contextmanager
-def _torchvision_stand_ins() -> Iterator[None]:
+def torchvision_stand_ins() -> Iterator[None]:
     """Empty ``torchvision`` modules while the block imports ComfyUI, unless a real one
     imports; taken out of ``sys.modules`` after it (diffusers, imported later by other tests
     of the same worker, would take them for the real torchvision)."""
@@ -101,7 +101,7 @@ def load_comfy() -> types.SimpleNamespace:
                           "set FXPROP_COMFYUI_PATH to a ComfyUI checkout")
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
-    with _torchvision_stand_ins():
+    with torchvision_stand_ins():
         return _import_comfy(path)
 
 

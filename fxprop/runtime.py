@@ -31,12 +31,11 @@ from torch.profiler import record_function
 from .capture import Captured, FlatCall, capture, flatten_call
 from .compile import CompileOptions, compile_options, compile_parts
 from .config import Policy
-from .copying import copies_plain, forget
 from .distributed import (Ranks, agree, gather, inputs_digest, local_call, own_steps,
                           plan_digest, ranks_of)
 from .fingerprint import portable_digests
 from .follow import FollowState, Generation, PlanFollower, Scope, TimestepSource, scoped
-from .intercept import NAME, NOT_PLANNED, check_hooks, intercept, intercepted, release
+from .intercept import NOT_PLANNED, check_hooks, intercept, intercepted, release
 from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
                        repeated_call, steps_per_call, timestep_vector)
 from .plan import Plan
@@ -68,7 +67,6 @@ class AcceleratedUNet(PlanFollower):
         # a bad process group raises here, before the UNet is intercepted
         self._ranks = (policy, ranks_of(policy.group, policy.cfg_parallel))
         self._intercept = intercept(self.unet, self)
-        copies_plain(self.unet, NAME)  # a deep copy or pickle of the UNet is the plain UNet
         self._timestep_name = _timestep_name(self._intercept.original_forward)
 
     def __getattr__(self, name: str) -> Any:
@@ -107,8 +105,6 @@ class AcceleratedUNet(PlanFollower):
         """This runtime no longer runs the UNet (what :func:`fxprop.restore` does); the UNet
         is no longer intercepted once no runtime of it is left."""
         release(self.unet, self)
-        if intercepted(self.unet) is None:
-            forget(self.unet, NAME)
 
     @contextlib.contextmanager
     def scope(self, state: FollowState | None = None) -> Iterator[Scope]:

@@ -75,7 +75,6 @@ def comfy_call(forward: Callable, args: tuple, kwargs: dict) -> ComfyCall:
                      options)
 
 
-
 def attention_patches(options: dict) -> list[str]:
     """The attention patches and replacements in ``transformer_options`` (see
     :data:`ATTENTION_PATCHES`), by name; a captured graph cannot run them faithfully."""

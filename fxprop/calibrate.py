@@ -18,94 +18,29 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-import torch.utils._pytree as pytree
-from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import Calibration, model_id, weights_digest
-from .capture import FlatCall, flatten_call
-from .forecast import check_forecast, signal_levels
+from .calibration import Calibration, model_id
+from .capture import FlatCall
+from .forecast import check_forecast
 from .measure import Measurement, states
 from .optimise import (Option, check_budget, check_speedup_target, choose, options,
                        schedule_error, speedup, state_after)
 from .propagation import final_of, gains, probe_steps, record
+from .sources import Source, other_noise, source_of
 
 __all__ = ["calibrate", "measure", "choose_calibration", "error_curve", "other_noise", "Measurement",
            "states"]
 
 
-def _generators(call: Any) -> list[torch.Generator]:
-    return [g for g in pytree.tree_leaves(call) if isinstance(g, torch.Generator)]
-
-
-def _runner(target: Any, num_inference_steps: int | None, scheduler: Any
-            ) -> tuple[nn.Module, Any, Callable[[Any], Callable[[], Any]]]:
-    """The UNet, the scheduler, and ``make(call)``: a function that runs one call, the same
-    way each time (a pipeline's generators are reset to their state at ``make``)."""
-    from .pipelines import runtime_of
-    from .runtime import AcceleratedUNet
-
-    unet = getattr(target, "unet", None)
-    if isinstance(target, AcceleratedUNet) or (
-            hasattr(target, "scheduler") and runtime_of(target) is not None):
-        raise ValueError("calibrate measures plain sampling, and this target is accelerated by "
-                         "fxprop: pass fxprop.restore(target) instead")
-    if isinstance(unet, nn.Module) and hasattr(target, "scheduler"):
-        extra = {} if num_inference_steps is None else {
-            "num_inference_steps": num_inference_steps}
-
-        def make_pipeline_run(call: Any) -> Callable[[], Any]:
-            if not isinstance(call, dict):
-                raise TypeError(f"calls of a pipeline are dicts of its arguments, got "
-                                f"{type(call).__name__}")
-            saved = [(g, g.get_state()) for g in _generators(call)]
-
-            def run() -> Any:
-                for g, state in saved:
-                    g.set_state(state)
-                return target(**call, **extra)
-            return run
-        return unet, target.scheduler, make_pipeline_run
-    return _loop_runner(target, scheduler)
-
-
-def _loop_runner(target: Any, scheduler: Any
-                 ) -> tuple[nn.Module, Any, Callable[[Any], Callable[[], Any]]]:
-    """:func:`_runner` of a bare UNet: the calls are the user's sampling loops."""
-    if not isinstance(target, nn.Module):
-        raise TypeError(f"calibrate takes a diffusers pipeline with a .unet or a UNet module, "
-                        f"got {type(target).__name__}")
-    if scheduler is None:
-        raise ValueError("calibrating a bare UNet needs scheduler= (the scheduler your loop "
-                         "uses: its class is part of the calibration)")
-
-    def make_loop_run(call: Any) -> Callable[[], Any]:
-        if not callable(call):
-            raise TypeError(f"calls of a bare UNet are your sampling loops, functions "
-                            f"unet -> anything, got {type(call).__name__}")
-        return lambda: call(target)
-    return target, scheduler, make_loop_run
-
-
-def _positions(scheduler: Any, num_steps: int) -> dict[str, list[float]]:
-    """Every forecast variable's value per step (``signal`` only if the scheduler tells it)."""
-    out = {"step": [float(i) for i in range(num_steps)]}
-    try:
-        levels = signal_levels(scheduler)
-    except (ValueError, AttributeError, TypeError, IndexError):
-        return out
-    if len(levels) >= num_steps:
-        out["signal"] = [float(x) for x in levels[len(levels) - num_steps:]]
-    return out
-
-
-def _flat_generation(unet: nn.Module, recorded: list, index: int) -> list[FlatCall]:
-    forward = type(unet).forward.__get__(unet)
-    flat = [flatten_call(forward, args, kwargs) for args, kwargs in recorded]
+def _flat_generation(source: Source, recorded: list, index: int) -> list[FlatCall]:
+    flat = [source.flatten(args, kwargs) for args, kwargs in recorded]
     if len(flat) < 2:
         raise ValueError(f"call {index} ran the UNet {len(flat)} time(s): calibration needs a "
                          "generation of at least 2 steps")
+    if source.calls_per_run is not None and len(flat) != source.calls_per_run:
+        raise ValueError(f"call {index} ran the UNet {len(flat)} times, not "
+                         f"{source.calls_per_run}: {source.why}")
     odd = next((j for j, f in enumerate(flat) if f.key != flat[0].key), None)
     if odd is not None:
         raise ValueError(f"call {index}: UNet call {odd} has other input shapes or options "
@@ -160,71 +95,50 @@ def measure(target: Any, calls: Sequence[Any], num_inference_steps: int | None =
         min_speedup: skip the cuts that cannot reach this FLOP-ideal speedup.
     """
     _check_settings(calls, orders, max_interval)
-    unet, sched, make_run = _runner(target, num_inference_steps, scheduler)
+    source = source_of(target, num_inference_steps, scheduler)
     measurement = None
     with tqdm(desc="fxprop calibrate", unit="step", disable=not progress) as bar:
         for index, call in enumerate(calls):
-            other = other_noise(call)   # drawn before any run advances its generators
-            run = make_run(call)
-            rec = record(unet, run, sched)
-            flat = _flat_generation(unet, rec.calls, index)
+            other = source.other(call)   # drawn before any run advances its generators
+            run = source.make_run(call)
+            rec = record(source.unet, run, source.scheduler)
+            flat = _flat_generation(source, rec.calls, index)
             if measurement is None:
-                bar.total = _work(len(flat), len(calls), probes,
-                                  held_out=any(_generators(c) for c in calls))
+                bar.total = _work(len(flat), len(calls), probes, held_out=other is not call)
                 bar.refresh()
-                measurement = _prepare(unet, flat, orders, max_interval, min_speedup,
+                measurement = _prepare(source, flat, orders, max_interval, min_speedup,
                                        samples, max_rows)
-                measurement.num_inference_steps = num_inference_steps
                 measurement.progress = progress
             steps = probe_steps(len(flat), max(probes, len(calls)))[index::len(calls)]
-            plain = (run, rec.final)
-            _add_call(measurement, index, (run, rec, flat, sched), steps, bar)
-            measurement.replays.append(_held_out(make_run, call, other, plain, sched, bar,
-                                                   len(flat)))
+            _add_call(measurement, index, (run, rec, flat), steps, bar)
+            measurement.replays.append((run, rec.final) if other is call else
+                                       _held_out(measurement, source.make_run(other), bar))
             del rec, flat
     return measurement
 
 
-def other_noise(call: Any) -> Any:
-    """``call`` with each ``torch.Generator`` replaced by one seeded from a draw of it: the
-    same arguments on other noise (``call`` itself if it has no generator, e.g. a loop)."""
-    def reseed(leaf: Any) -> Any:
-        if not isinstance(leaf, torch.Generator):
-            return leaf
-        draw = torch.Generator(leaf.device)
-        draw.set_state(leaf.get_state())
-        seed = int(torch.randint(2 ** 62, (1,), generator=draw, device=leaf.device))
-        return torch.Generator(leaf.device).manual_seed(seed)
-    return pytree.tree_map(reseed, call) if _generators(call) else call
-
-
-def _held_out(make_run: Callable, call: Any, other: Any, plain: tuple, scheduler: Any,
-              bar: Any, steps: int) -> tuple:
+def _held_out(measurement: Measurement, run: Callable, bar: Any) -> tuple:
     """``(run, plain final)`` that verification judges candidates on: the call on other noise,
     samples the error tables were not measured on (the optimiser's schedule is fitted to those,
-    so judging it there favours it: on the digits model by 2 dB at 3x). ``plain``: the call
-    itself, when it cannot be reseeded (a bare UNet's loop seeds its own noise)."""
-    if other is call:
-        return plain
-    run = make_run(other)
-    final = final_of(run, scheduler)
-    bar.update(steps)
+    so judging it there favours it: on the digits model by 2 dB at 3x). A call that cannot be
+    reseeded (a bare UNet's loop seeds its own noise) is judged on itself."""
+    final = final_of(run, measurement.scheduler)
+    bar.update(measurement.num_steps)
     return run, final
 
 
 def _add_call(measurement: Measurement, index: int, recorded: tuple, steps: list[int],
               bar: Any) -> None:
-    """Add one recorded call, ``(run, recording, flat calls, scheduler)``, to the tables:
-    its gains at ``steps`` and its errors."""
-    run, rec, flat, sched = recorded
+    """Add one recorded call, ``(run, recording, flat calls)``, to the tables: its gains at
+    ``steps`` and its errors."""
+    run, rec, flat = recorded
     if len(flat) != measurement.num_steps:
         raise ValueError(f"call {index} ran {len(flat)} UNet steps, call 0 ran "
                          f"{measurement.num_steps}: calibrate one step count and scheduler at "
                          "a time")
     bar.update(len(flat))
-    measurement.scheduler = sched
-    measurement.add_gains(gains(measurement.unet, run, rec, sched, steps, bar))
-    measurement.measure(flat, _positions(sched, len(flat)), bar, rec.final)
+    measurement.add_gains(gains(measurement.unet, run, rec, measurement.scheduler, steps, bar))
+    measurement.measure(flat, measurement.source.positions(len(flat)), bar, rec.final)
 
 
 def _work(num_steps: int, num_calls: int, probes: int, held_out: bool) -> int:
@@ -235,12 +149,12 @@ def _work(num_steps: int, num_calls: int, probes: int, held_out: bool) -> int:
     return (3 if held_out else 2) * num_steps * num_calls + replays
 
 
-def _prepare(unet: nn.Module, flat: list[FlatCall], orders: Sequence[int], max_interval: int,
+def _prepare(source: Source, flat: list[FlatCall], orders: Sequence[int], max_interval: int,
              target_speedup: float | None, samples: int | None,
              max_rows: int) -> Measurement:
     """Capture and count FLOPs; with a FLOP budget, drop the cuts that cannot reach it."""
     num_steps = len(flat)
-    measurement = Measurement(unet, flat[0], orders, max_interval, samples, max_rows)
+    measurement = Measurement(source, flat[0], orders, max_interval, samples, max_rows)
     measurement.num_steps = num_steps
     if target_speedup is not None:
         fewest = math.ceil(num_steps / max_interval)
@@ -292,9 +206,9 @@ def _make(measurement: Measurement, chosen: Option, budget: dict, best: list[Opt
     return Calibration(
         reuse=cut.reuse, branch=cut.branch, forecast=chosen.order, forecast_in=cut.forecast_in,
         forecast_reach=cut.reach, key_steps=chosen.key_steps, num_steps=measurement.num_steps,
-        num_inference_steps=measurement.num_inference_steps,
-        scheduler=type(measurement.scheduler).__name__, model=model_id(measurement.unet),
-        weights=weights_digest(measurement.unet),
+        num_inference_steps=measurement.source.num_inference_steps,
+        scheduler=measurement.source.name, sigmas=measurement.source.sigmas,
+        model=model_id(measurement.unet), weights=measurement.source.digest(),
         predicted_speedup=chosen.speedup, predicted_error=chosen.error,
         error_curve=error_curve(table, chosen.key_steps, measurement.num_steps, chosen.order),
         budget={k: v for k, v in budget.items() if v is not None},

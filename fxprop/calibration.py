@@ -16,20 +16,26 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 __all__ = ["Calibration", "FORMAT_VERSION", "model_id", "weights_digest"]
 
-#: Version of the JSON format; files of another version are refused (3: ``weights``).
-FORMAT_VERSION = 3
+#: Version of the JSON format (3: ``weights``; 4: ``sigmas``); version 3 files are read as
+#: calibrations for any sigma grid of their scheduler, files of other versions are refused.
+FORMAT_VERSION = 4
+#: Fields each older version that is still read lacks, with the value they mean there.
+MIGRATIONS = {3: {"sigmas": []}}
 #: Groups of parameters in :func:`weights_digest`, and values sampled from each parameter.
 DIGEST_GROUPS, DIGEST_SAMPLES = 16, 64
 #: Two digests name the same weights if no group differs by more than this (a model loaded in
 #: fp16 or bf16 moves a group by about 1e-4; other weights by about 0.03).
 DIGEST_TOLERANCE = 2e-3
+#: Two sigma grids are the same if no sigma differs by more than this, relatively (a grid
+#: computed in another dtype or on another device moves a sigma by about 1e-7).
+SIGMA_TOLERANCE = 1e-4
 
 
 def model_id(unet: nn.Module) -> str:
@@ -77,7 +83,9 @@ class Calibration:
         key_steps: the chosen key steps (sorted, from 0).
         num_steps: UNet calls per generation (entries of ``scheduler.timesteps``).
         num_inference_steps: what the pipeline was called with (``None`` for a bare UNet).
-        scheduler: the scheduler's class name.
+        scheduler: the scheduler's class name (in ComfyUI: the sampler's name).
+        sigmas: the sigma grid it was measured on, where the sampler's name does not fix it
+            (ComfyUI: scheduler, steps and denoise make the grid); empty: any grid.
         model: :func:`model_id` of the UNet (its class and config, unlike
             :func:`fxprop.fingerprint`, which is the state captures depend on).
         weights: :func:`weights_digest` of the UNet (empty: not checked, for hand-made
@@ -109,6 +117,7 @@ class Calibration:
     alternatives: tuple = ()
     verified_error: float | None = None
     weights: tuple[float, ...] = ()
+    sigmas: tuple[float, ...] = ()
     version: int = FORMAT_VERSION
 
     def accelerate_options(self, num_steps: int, scheduler: Any) -> dict:
@@ -129,6 +138,25 @@ class Calibration:
         if self.reuse == "deep":
             options["branch"] = self.branch
         return options
+
+    def check_grid(self, scheduler: Any, sigmas: Sequence[float]) -> None:
+        """Raise ``ValueError`` unless ``scheduler`` (an instance, class or name) is the one
+        calibrated for and ``sigmas`` (a run's grid, its last entry the end) the grid it was
+        measured on (any grid, for a calibration without ``sigmas``)."""
+        name = _class_name(scheduler)
+        if name != self.scheduler:
+            raise ValueError(f"this calibration is for {self.scheduler}, not {name}: calibrate "
+                             "again with that sampler")
+        if not self.sigmas:
+            return
+        if len(sigmas) != len(self.sigmas):
+            raise ValueError(f"this calibration is for {len(self.sigmas) - 1} steps, not "
+                             f"{len(sigmas) - 1}: calibrate again for {len(sigmas) - 1} steps")
+        worst = max(abs(a - b) / max(abs(b), 1e-3) for a, b in zip(sigmas, self.sigmas))
+        if worst > SIGMA_TOLERANCE:
+            raise ValueError(f"this calibration is for the sigmas {_short(self.sigmas)}, not "
+                             f"{_short(sigmas)} (another scheduler, denoise or start step): "
+                             "calibrate again for this grid")
 
     def check_model(self, unet: nn.Module) -> None:
         """Raise ``ValueError`` if ``unet`` is not the model this was calibrated on."""
@@ -176,6 +204,9 @@ class Calibration:
     def from_json(cls, data: dict) -> "Calibration":
         """Rebuild from :meth:`to_json`; ``ValueError`` for another format version or fields."""
         version = data.get("version")
+        if version in MIGRATIONS:
+            data = {**MIGRATIONS[version], **data, "version": FORMAT_VERSION}
+            version = FORMAT_VERSION
         if version != FORMAT_VERSION:
             raise ValueError(f"calibration format version {version!r} is not supported (this "
                              f"fxprop reads version {FORMAT_VERSION}); calibrate again")
@@ -190,6 +221,7 @@ class Calibration:
         data["error_curve"] = tuple(data["error_curve"])
         data["alternatives"] = tuple(tuple(a) for a in data["alternatives"])
         data["weights"] = tuple(float(w) for w in data["weights"])
+        data["sigmas"] = tuple(float(s) for s in data["sigmas"])
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -211,6 +243,7 @@ class Calibration:
         budget = ", ".join(f"{k}={v}" for k, v in self.budget.items())
         lines = [
             f"Calibration for {self.model}, {self.scheduler}, {self.num_steps} steps ({budget})",
+            *([f"  sigmas:     {_short(self.sigmas)}"] if self.sigmas else []),
             f"  reuse:      {cut}",
             f"  forecast:   {self.forecast} ({order}, in {self.forecast_in})",
             f"  key steps:  {list(self.key_steps)} ({len(self.key_steps)} of {self.num_steps})",
@@ -226,6 +259,13 @@ class Calibration:
                 name = "encoder" if reuse == "encoder" else f"deep b{branch}"
                 lines.append(f"    {name:<10} forecast {forecast}  {speed:5.2f}x  {error:.4f}")
         return "\n".join(lines)
+
+
+def _short(values: Sequence[float]) -> str:
+    """A grid for a message: its first and last entries."""
+    shown = [f"{float(v):.4g}" for v in values]
+    return "[" + (", ".join(shown) if len(shown) <= 6 else
+                  ", ".join(shown[:3]) + ", ..., " + ", ".join(shown[-2:])) + "]"
 
 
 def _class_name(scheduler: Any) -> str:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from .forecast import KeyFrontiers, signal_levels
+from .forecast import KeyFrontiers, sigma_signal, signal_levels
 from .plan import Plan
 
 __all__ = ["PlanFollower", "Generation", "FollowState", "Scope", "active_scope",
@@ -242,7 +242,7 @@ class PlanFollower(nn.Module):
             raise ValueError(f"timesteps must hold one entry per sigma ({len(sigma_values)}), "
                              f"got {len(t_values)}")
         grid, end = grid_values(t_values if by == "timestep" else sigma_values, by)
-        signal = [1 / (1 + s * s) ** 0.5 for s in sigma_values[:-1]]
+        signal = sigma_signal(sigma_values[:-1])
         plan = policy.plan(t_values[:-1], num_train_timesteps,
                            signal if policy.needs_signal else None)
         self._start(GridGeneration(plan, sigmas, end=end, grid=tuple(grid), unit=by))

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 __all__ = ["FORECAST_ORDERS", "FORECAST_VARIABLES", "check_forecast", "check_forecast_in",
-           "check_reach", "lagrange", "forecast_weights", "signal_levels", "Weights",
-           "KeyFrontiers"]
+           "check_reach", "lagrange", "forecast_weights", "signal_levels", "sigma_signal",
+           "Weights", "KeyFrontiers"]
 
 #: Orders a policy's ``forecast`` takes: 0 reuse, 1 linear, 2 quadratic.
 FORECAST_ORDERS = (0, 1, 2)
@@ -66,6 +66,11 @@ def check_reach(reach: Any) -> float:
         raise ValueError(f"forecast_reach must be a positive number (math.inf: unbounded), "
                          f"got {reach!r}")
     return reach
+
+
+def sigma_signal(sigmas: Sequence[float]) -> list[float]:
+    """``sqrt(alpha_bar) = 1 / sqrt(1 + sigma^2)`` of each sigma of a k-diffusion grid."""
+    return [1 / (1 + float(s) ** 2) ** 0.5 for s in sigmas]
 
 
 def signal_levels(scheduler: Any, timesteps: Any = None) -> list[float]:

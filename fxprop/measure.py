@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .capture import CallKey, FlatCall, capture, flatten_call
+from .capture import CallKey, FlatCall, capture
 from .config import make_policy
 from .deep import find_branches
 from .forecast import lagrange
@@ -38,6 +37,7 @@ from .optimise import State, schedule_error, speedup, state_after
 from .parallel import map_batched, repeat_batch
 from .propagation import interpolate, smooth
 from .regions import resolve_layout
+from .sources import Source
 from .split import Parts, split
 
 __all__ = ["states", "Cut", "Measurement", "output_errors", "measured_rows"]
@@ -126,13 +126,14 @@ def output_errors(predicted: Sequence[torch.Tensor], true: Sequence[torch.Tensor
 class Measurement:
     """The error tables of every candidate cut over the recorded generations."""
 
-    def __init__(self, unet: nn.Module, first: FlatCall, orders: Sequence[int],
+    def __init__(self, source: Source, first: FlatCall, orders: Sequence[int],
                  max_interval: int, samples: int | None = 4, max_rows: int = 128) -> None:
-        self.unet, self.orders, self.max_interval = unet, tuple(orders), max_interval
+        self.source, self.unet, self.scheduler = source, source.unet, source.scheduler
+        self.orders, self.max_interval = tuple(orders), max_interval
         self.samples, self.max_rows = samples, max_rows
-        self.forward = type(unet).forward.__get__(unet)
-        self.num_steps, self.num_inference_steps, self.scheduler = 0, None, None
-        self.layout = resolve_layout(unet, None)
+        self.forward, self.flatten = source.forward, source.flatten
+        self.num_steps = 0
+        self.layout = resolve_layout(self.unet, None)
         self._graphs: dict[CallKey, tuple[Parts, dict]] = {}
         self._out_specs: dict[CallKey, Any] = {}
         self.cuts: list[Cut] = []
@@ -216,7 +217,7 @@ class Measurement:
 
         @torch.no_grad()
         def forward(*args: Any, **kwargs: Any) -> Any:
-            j, call = step[0], flatten_call(self.forward, args, kwargs)
+            j, call = step[0], self.flatten(args, kwargs)
             step[0] += 1
             union, steps = self._capture(call)
             if j in keys:

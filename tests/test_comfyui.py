@@ -26,6 +26,7 @@ COMFY = require_comfy()
 
 import fxprop.comfyui.runner as runner_module  # noqa: E402  (after the skip above)
 from fxprop.comfyui import NODE_CLASS_MAPPINGS  # noqa: E402
+from fxprop.comfyui.calibrate import ComfySampling, calibrate_comfy  # noqa: E402
 from fxprop.comfyui.patch import KEY, patch_model  # noqa: E402
 from fxprop.comfyui.runner import ComfyRunner  # noqa: E402
 from fxprop.config import make_policy  # noqa: E402
@@ -443,7 +444,6 @@ def test_models_without_wrappers_or_a_unet_come_back_unchanged(caplog):
         ComfyRunner(make_policy("deep"), 0.8, 0.2)
 
 
-
 def _installed_node(tmp_path) -> tuple:
     """README's install, a file in custom_nodes re-exporting the mappings, loaded by ComfyUI's
     own ``nodes.load_custom_node``: ComfyUI's ``nodes`` module, the installed FxpropDeepCache
@@ -489,10 +489,12 @@ def test_the_one_line_install_loads_through_comfyuis_loader_and_runs_in_ksampler
 @old_comfyui
 def test_an_old_comfyui_is_refused_and_runs_as_it_was(model, caplog):
     """Both nodes, on a ComfyUI without wrappers, say why in the log and as a warning and hand
-    back the model itself, its model_options untouched (no model_function_wrapper set)."""
+    back the model itself, its model_options untouched (no model_function_wrapper set);
+    calibrating it raises."""
     options = repr(model.model_options)
     plain = sample(model)
-    for name, node in NODE_CLASS_MAPPINGS.items():
+    for name in ("FxpropEncoderPropagation", "FxpropDeepCache"):
+        node = NODE_CLASS_MAPPINGS[name]
         required = node.INPUT_TYPES()["required"]
         defaults = {k: v[1]["default"] for k, v in required.items() if k != "model"}
         with pytest.warns(UserWarning, match="neither the run's sigma grid nor where a run"):
@@ -500,6 +502,10 @@ def test_an_old_comfyui_is_refused_and_runs_as_it_was(model, caplog):
         assert patched is model and repr(model.model_options) == options
     assert "update ComfyUI" in caplog.text
     torch.testing.assert_close(sample(model), plain, atol=0, rtol=0)
+    sampling = ComfySampling(conditioning(1), conditioning(2), {"samples": torch.zeros(SHAPE)},
+                             STEPS, CFG, "euler", "normal")
+    with pytest.raises(ValueError, match="cannot calibrate: this ComfyUI has no model wrappers"):
+        calibrate_comfy(model, sampling, [0], target_speedup=1.5)
 
 
 @old_comfyui

@@ -21,7 +21,7 @@ from ..calibration import Calibration, weights_digest
 from ..forecast import sigma_signal
 from ..sources import Source
 from .calls import attention_patches, comfy_call
-from .patch import KEY
+from .patch import KEY, refusal
 from .runner import lowvram_reason
 
 __all__ = ["ComfySampling", "calibrate_comfy", "comfy_source", "sampler_name", "other_seed"]
@@ -68,9 +68,13 @@ def other_seed(seed: int) -> int:
 
 
 def check_plain(model: Any) -> None:
-    """Raise ``ValueError`` if ``model`` (a ModelPatcher) does not sample as its captured UNet
-    would: patched by fxprop, or with other nodes' diffusion-model wrappers or attention
-    patches (a captured graph would skip them)."""
+    """Raise ``ValueError`` if fxprop cannot run ``model`` (a ModelPatcher: see
+    :func:`~fxprop.comfyui.patch.refusal`) or it does not sample as its captured UNet would:
+    patched by fxprop, or with other nodes' diffusion-model wrappers or attention patches (a
+    captured graph would skip them)."""
+    reason = refusal(model)
+    if reason is not None:
+        raise ValueError(f"cannot calibrate: {reason}")
     from comfy.patcher_extension import WrappersMP
 
     if model.get_wrappers(WrappersMP.OUTER_SAMPLE, KEY):

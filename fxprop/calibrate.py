@@ -7,9 +7,11 @@ forecast order from every earlier key-step state, weighted by that gain: the err
 :mod:`fxprop.optimise` chooses the key steps of least predicted final error exactly per cut and
 order; the best candidates (the optimiser's and the evenly spaced schedule of as many key steps,
 for the two best cuts and orders) are then run accelerated on the calibration calls with other
-noise (their generators reseeded: samples the tables were not measured on; on the measurement's
-own graphs, :meth:`Measurement.accelerated`) and the one whose final samples are nearest plain's
-is chosen (``verify=``). The progress bar counts UNet steps of the whole batch.
+noise (:attr:`Source.other`: a pipeline call's generators reseeded, a ComfyUI seed drawn anew;
+samples the tables were not measured on; on the measurement's own graphs,
+:meth:`Measurement.accelerated`) and the one whose final samples are nearest plain's is chosen
+(``verify=``). The progress bar counts UNet steps of the whole batch. Where the generations come
+from, and how they are read, is a :class:`~fxprop.sources.Source` (:mod:`fxprop.sources`).
 """
 
 from __future__ import annotations
@@ -81,9 +83,11 @@ def measure(target: Any, calls: Sequence[Any], num_inference_steps: int | None =
     :func:`choose_calibration`, once per budget).
 
     Args:
-        target: a diffusers pipeline (``calls`` are dicts of its arguments) or a bare UNet
+        target: a diffusers pipeline (``calls`` are dicts of its arguments), a bare UNet
             (``calls`` are your sampling loops, ``loop(unet)``; pass ``scheduler=``, the one
-            your loop steps with). Calls must be deterministic given their generators.
+            your loop steps with) or a :class:`~fxprop.sources.Source` (``calls`` are what its
+            ``make_run`` takes: seeds, for ComfyUI's). Calls must be deterministic given their
+            generators.
         num_inference_steps: passed to every pipeline call (``None``: the calls' own).
         orders: forecast orders to consider (0 reuse, 1 linear, 2 quadratic).
         max_interval: the longest segment (key step to next key step) measured.

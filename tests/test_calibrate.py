@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 import fxprop
 from conftest import decoder_attn_unet, make_scheduler, sample_of
-from fxprop.calibrate import calibrate, other_noise, states
+from fxprop.calibrate import calibrate, other_noise, states, verified_choice
 from fxprop.measure import output_errors
 from fxprop.calibration import FORMAT_VERSION, Calibration
-from fxprop.optimise import check_budget, choose, options, pareto, schedule_error
+from fxprop.optimise import Option, check_budget, choose, options, pareto, schedule_error
 
 torch.set_num_threads(1)
 STEPS = 8
@@ -400,3 +400,17 @@ def test_cli_without_a_command_prints_usage(capsys):
 
     assert main([]) == 2 and main(["nope"]) == 2
     assert "fxprop calibrate [--speedup X | --max-error E]" in capsys.readouterr().err
+
+
+def test_a_fitted_schedule_replaces_the_hand_set_one_only_if_better_on_every_call():
+    """Verification keeps the every-N-th schedule unless a finalist beats it on each held-out
+    call; without it among the finalists, the least root-mean-square error wins."""
+    def option(keys):
+        return Option(("deep", 0), 1, keys, 6, 2.0, 0.01)
+    hand_set, fitted, even = option((0, 2, 4)), option((0, 1, 4)), option((0, 3, 5))
+    on_average = [([0.024, 0.01], fitted), ([0.02, 0.021], hand_set), ([0.05, 0.05], even)]
+    assert verified_choice(on_average, hand_set) == ([0.02, 0.021], hand_set)
+    throughout = [([0.019, 0.02], fitted), ([0.02, 0.021], hand_set)]
+    assert verified_choice(throughout, hand_set) == ([0.019, 0.02], fitted)
+    assert verified_choice(on_average, None) == ([0.024, 0.01], fitted)
+    assert verified_choice(on_average[:1] + on_average[2:], hand_set)[1] == fitted

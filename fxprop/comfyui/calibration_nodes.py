@@ -2,8 +2,8 @@
 one (``FxpropCalibrated``).
 
 Calibrating runs plain KSampler generations of the model (``runs`` seeds from ``seed``), a few
-replays of them and the candidate cuts on their recorded steps: the cost of about ten plain
-generations for two runs, once; ComfyUI caches the node's result until an input changes. The
+replays of them, the candidate cuts on their recorded steps and the finalists on another seed:
+once, as ComfyUI caches the node's result until an input changes. The
 calibration is saved as JSON (a path relative to ComfyUI's output directory, or absolute) and
 holds for that model and weights, sampler and sigma grid (scheduler, steps, denoise) only: a
 run with another raises ``ValueError`` (see :mod:`fxprop.comfyui.calibrated`).
@@ -49,7 +49,8 @@ class FxpropCalibrate:
     FUNCTION = "calibrate"
     CATEGORY = CATEGORY
     DESCRIPTION = ("fxprop: calibrate a schedule on plain runs of this model and sampler "
-                   "(once; the cost of about five plain generations per run)")
+                   "(it takes as long as a few dozen plain generations; ComfyUI runs it again "
+                   "only when an input changes)")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:

@@ -9,6 +9,8 @@ error against plain KSampler. One calibration (cheap settings) serves the file.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -83,6 +85,7 @@ def test_calibration_names_its_sampler_grid_and_weights(model, calibration, save
 def test_calibrated_node_gives_the_error_calibration_verified(model, calibration, saved):
     """The node's run on the held-out seed is as far from plain as calibration measured."""
     node = NODE_CLASS_MAPPINGS["FxpropCalibrated"]()
+    assert list(node.INPUT_TYPES()["required"]) == list(inspect.signature(node.patch).parameters)
     (patched,) = node.patch(model, str(saved))
     held_out = other_seed(0)
     plain = sample(model, held_out)
@@ -147,6 +150,10 @@ def test_calibrate_node_on_a_lora_model_saves_a_calibration_for_it(model, tmp_pa
     weight = model.model.diffusion_model.out[2].weight
     lora.add_patches({"diffusion_model.out.2.weight": (torch.randn_like(weight) * 0.2,)}, 1.0)
     node = NODE_CLASS_MAPPINGS["FxpropCalibrate"]()
+    required = node.INPUT_TYPES()["required"]  # what ComfyUI passes: the function's parameters
+    assert list(required) == list(inspect.signature(node.calibrate).parameters)
+    assert {"euler", "heun"} <= set(required["sampler_name"][0])
+    assert {"normal", "karras"} <= set(required["scheduler"][0])
     patched, summary = node.calibrate(
         lora, conditioning(1), conditioning(2), {"samples": torch.zeros(SHAPE)}, seed=7, runs=1,
         steps=4, cfg=CFG, sampler_name="euler", scheduler="normal", denoise=1.0,
@@ -156,3 +163,14 @@ def test_calibrate_node_on_a_lora_model_saves_a_calibration_for_it(model, tmp_pa
     sample(patched, 1, steps=4)  # follows it without a fallback warning
     with pytest.raises(ValueError, match="other weights"):
         sample(patch_model(model, CalibratedRunner(saved)), 1, steps=4)
+
+
+def test_calibration_files_live_in_comfyuis_output_directory(tmp_path, monkeypatch):
+    import folder_paths
+
+    from fxprop.comfyui.calibration_nodes import calibration_path
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    assert calibration_path("fxprop/a.json") == tmp_path / "fxprop" / "a.json"
+    assert calibration_path(str(tmp_path / "b.json")) == tmp_path / "b.json"
+    with pytest.raises(ValueError, match="calibration file name is needed"):
+        calibration_path("  ")

@@ -263,16 +263,16 @@ def choose_calibration(measurement: Measurement, target_speedup: float | None = 
 def verified_choice(scored: list[tuple[list[float], Option]], hand_set: Option | None
               ) -> tuple[list[float], Option]:
     """The finalist of least error (root mean square over the held-out calls), unless the
-    hand-set schedule is a finalist and it is not worse than that one on every call: a
-    schedule fitted to the tables replaces the hand-set one only where it verifies better
-    throughout (on the ComfyUI digits twin at 3x, two held-out calls ranked a fitted schedule
-    1% ahead of every 4th step, 0.0265 to 0.0267, whose error on the benchmark's 50 samples
-    was twice that one's, 0.048 to 0.023)."""
+    hand-set schedule is a finalist of the same cost (cut and number of key steps) that it
+    does not beat on every call: at equal cost, a schedule fitted to the tables replaces the
+    hand-set one only where it verifies better throughout (on the ComfyUI digits twin at 3x,
+    two held-out calls ranked a fitted schedule 1% ahead of every 4th step, 0.0265 to 0.0267,
+    whose error on the benchmark's 50 samples was twice that one's, 0.048 to 0.023)."""
     errors, chosen = min(scored, key=lambda s: _rms_of(s[0]))
-    base = next((s for s in scored if hand_set is not None and s[1].key_steps ==
-                 hand_set.key_steps and s[1].cut == hand_set.cut
-                 and s[1].order == hand_set.order), None)
-    if base is None or all(e < b for e, b in zip(errors, base[0])):
+    base = next((s for s in scored if hand_set is not None and s[1] == hand_set), None)
+    if base is None or (base[1].cut, len(base[1].key_steps)) != \
+            (chosen.cut, len(chosen.key_steps)) or all(
+                e < b for e, b in zip(errors, base[0])):
         return errors, chosen
     return base
 

@@ -403,8 +403,9 @@ def test_cli_without_a_command_prints_usage(capsys):
 
 
 def test_a_fitted_schedule_replaces_the_hand_set_one_only_if_better_on_every_call():
-    """Verification keeps the every-N-th schedule unless a finalist beats it on each held-out
-    call; without it among the finalists, the least root-mean-square error wins."""
+    """At equal cost, verification keeps the every-N-th schedule unless a finalist beats it on
+    each held-out call; otherwise (it is not a finalist, or it has fewer key steps) the least
+    root-mean-square error wins."""
     def option(keys):
         return Option(("deep", 0), 1, keys, 6, 2.0, 0.01)
     hand_set, fitted, even = option((0, 2, 4)), option((0, 1, 4)), option((0, 3, 5))
@@ -414,3 +415,6 @@ def test_a_fitted_schedule_replaces_the_hand_set_one_only_if_better_on_every_cal
     assert verified_choice(throughout, hand_set) == ([0.019, 0.02], fitted)
     assert verified_choice(on_average, None) == ([0.024, 0.01], fitted)
     assert verified_choice(on_average[:1] + on_average[2:], hand_set)[1] == fitted
+    cheaper = option((0, 3))
+    assert verified_choice([([0.024, 0.01], fitted), ([0.02, 0.021], cheaper)], cheaper)[1] \
+        == fitted

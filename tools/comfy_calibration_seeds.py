@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = {"calibrated": patch_model(model, CalibratedRunner(calibration))}
     for n in (3, 4):
         policy = make_policy("deep", key_steps=n, forecast=1, prior_noise=0.0)
-        rows[f"every {n}th f1"] = patch_model(model, ComfyRunner(policy))
+        rows[f"deep N={n} f1"] = patch_model(model, ComfyRunner(policy))
 
     def run(patched, seed):
         noise = comfy.sample.prepare_noise(latent, seed)

@@ -132,6 +132,24 @@ def test_calibration_of_another_version_or_no_calibration_is_refused(tmp_path):
         Calibration.load(tmp_path / "x.json")
 
 
+def test_a_format_3_calibration_reads_as_one_for_any_grid(tmp_path):
+    """Format 3 predates ``sigmas``; its files (the demo ships one) load with an empty grid,
+    which ``check_grid`` does not compare, while a grid given is compared."""
+    data = {k: v for k, v in _calibration().to_json().items() if k != "sigmas"}
+    (tmp_path / "v3.json").write_text(json.dumps({**data, "version": 3}))
+    loaded = Calibration.load(tmp_path / "v3.json")
+    assert loaded == _calibration() and loaded.sigmas == () and loaded.version == FORMAT_VERSION
+    loaded.check_grid("DDIMScheduler", [1.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="for DDIMScheduler, not EulerDiscreteScheduler"):
+        loaded.check_grid("EulerDiscreteScheduler", [1.0, 0.0])
+    gridded = _calibration(sigmas=(2.0, 1.0, 0.0))
+    gridded.check_grid("DDIMScheduler", [2.0, 1.00005, 0.0])
+    with pytest.raises(ValueError, match="for 2 steps, not 3"):
+        gridded.check_grid("DDIMScheduler", [3.0, 2.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match=r"for the sigmas \[2, 1, 0\], not \[2, 1.1, 0\]"):
+        gridded.check_grid("DDIMScheduler", [2.0, 1.1, 0.0])
+
+
 def test_accelerate_options_only_for_the_steps_and_scheduler_calibrated():
     calibration = _calibration()
     options = calibration.accelerate_options(5, make_scheduler("ddim"))

@@ -8,11 +8,12 @@ forecast order from every earlier key-step state, weighted by that gain: the err
 order; the best candidates (the optimiser's schedule, the every-N-th one of at most as many key
 steps, as the hand-set policies place them, and the evenly spaced one of as many, for the two
 best cuts and orders; the first ``verify`` of them) are then run accelerated on the calibration
-calls with other noise (:attr:`Source.other`: a pipeline call's generators reseeded, a ComfyUI seed drawn anew;
-samples the tables were not measured on; on the measurement's own graphs,
-:meth:`Measurement.accelerated`) and the one whose final samples are nearest plain's is chosen
-(``verify=``), over the hand-set one only if it is nearer on every held-out call. The progress bar counts UNet steps of the whole batch. Where the generations come
-from, and how they are read, is a :class:`~fxprop.sources.Source` (:mod:`fxprop.sources`).
+calls with other noise (:attr:`Source.other`: a pipeline call's generators reseeded, a ComfyUI
+seed drawn anew; samples the tables were not measured on; on the measurement's own graphs,
+:meth:`Measurement.accelerated`) and the one whose final samples are nearest plain's is chosen,
+at equal cost over the hand-set one only if it is nearer on every held-out call. The progress
+bar counts UNet steps of the whole batch. Where the generations come from, and how they are
+read, is a :class:`~fxprop.sources.Source` (:mod:`fxprop.sources`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from .optimise import (Option, check_budget, check_speedup_target, choose, optio
 from .propagation import final_of, gains, probe_steps, record
 from .sources import Source, other_noise, source_of
 
-__all__ = ["calibrate", "measure", "choose_calibration", "error_curve", "other_noise", "Measurement",
-           "states"]
+__all__ = ["calibrate", "measure", "choose_calibration", "verified_choice", "error_curve",
+           "other_noise", "Measurement", "states"]
 
 
 def _flat_generation(source: Source, recorded: list, index: int) -> list[FlatCall]:
@@ -246,22 +247,22 @@ def choose_calibration(measurement: Measurement, target_speedup: float | None = 
     chosen = choose(found, **budget)
     if target_speedup is None or verify < 1 or not measurement.replays:
         return _make(measurement, chosen, budget, best)
-    ranked = sorted(best, key=lambda o: o.error)
-    hand_set = _interval(measurement, ranked[0])
+    ranked = sorted(best, key=lambda o: o.error)[: max(1, (verify + 1) // 2)]
+    groups = [(o, _interval(measurement, o), _even(measurement, o)) for o in ranked]
+    if not groups:
+        return _make(measurement, chosen, budget, best)
     finalists: dict = {}
-    for option in ranked[: max(1, (verify + 1) // 2)]:
-        for o in (option, _interval(measurement, option), _even(measurement, option)):
-            if o is not None:
-                finalists.setdefault((o.cut, o.order, o.key_steps), o)
+    for o in (o for group in groups for o in group if o is not None):
+        finalists.setdefault((o.cut, o.order, o.key_steps), o)
     scored = [(_final_errors(measurement, o), o) for o in tqdm(
         list(finalists.values())[:verify], desc="fxprop verify", unit="schedule",
         disable=not measurement.progress)]
-    errors, chosen = verified_choice(scored, hand_set)
+    errors, chosen = verified_choice(scored, groups[0][1])
     return _make(measurement, chosen, budget, best, verified=_rms_of(errors))
 
 
-def verified_choice(scored: list[tuple[list[float], Option]], hand_set: Option | None
-              ) -> tuple[list[float], Option]:
+def verified_choice(scored: list[tuple[list[float], Option]],
+                    hand_set: Option | None) -> tuple[list[float], Option]:
     """The finalist of least error (root mean square over the held-out calls), unless the
     hand-set schedule is a finalist of the same cost (cut and number of key steps) that it
     does not beat on every call: at equal cost, a schedule fitted to the tables replaces the

@@ -75,7 +75,8 @@ def test_calibration_names_its_sampler_grid_and_weights(model, calibration, save
     sigmas = COMFY.samplers.KSampler(model, STEPS, torch.device("cpu"), "euler", "normal").sigmas
     assert calibration.scheduler == "ComfyUI sample_euler"
     assert calibration.num_steps == STEPS and calibration.num_inference_steps == STEPS
-    torch.testing.assert_close(torch.tensor(calibration.sigmas, dtype=torch.float64), sigmas.double())
+    torch.testing.assert_close(torch.tensor(calibration.sigmas, dtype=torch.float64),
+                               sigmas.double())
     assert calibration.weights == weights_digest(model.model.diffusion_model)
     assert 1 < len(calibration.key_steps) < STEPS and calibration.key_steps[0] == 0
     assert Calibration.load(saved) == calibration

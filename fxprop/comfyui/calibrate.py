@@ -130,7 +130,8 @@ def _runs(model: Any, sampling: ComfySampling, callback: Any) -> Any:
     latent = comfy.sample.fix_empty_latent_channels(model, sampling.latent["samples"])
 
     def make_run(seed: Any) -> Any:
-        noise = comfy.sample.prepare_noise(latent, check_seed(seed), sampling.latent.get("batch_index"))
+        noise = comfy.sample.prepare_noise(latent, check_seed(seed),
+                                           sampling.latent.get("batch_index"))
         return lambda: comfy.sample.sample(
             model, noise, sampling.steps, sampling.cfg, sampling.sampler_name,
             sampling.scheduler, sampling.positive, sampling.negative, latent,

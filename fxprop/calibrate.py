@@ -198,11 +198,7 @@ def _even(measurement: Measurement, option: Option) -> Option | None:
     is not measured)."""
     n, count = measurement.num_steps, len(option.key_steps)
     keys = tuple(sorted({round(i * n / count) for i in range(count)}))
-    cut = next(c for c in measurement.cuts if c.id == option.cut)
-    error = schedule_error(cut.table(measurement.gain_curve()), keys, n, option.order)
-    if math.isinf(error) or len(keys) != count:
-        return None
-    return Option(option.cut, option.order, keys, n, option.speedup, math.sqrt(error))
+    return _schedule(measurement, option, keys) if len(keys) == count else None
 
 
 def _interval(measurement: Measurement, option: Option) -> Option | None:
@@ -210,7 +206,13 @@ def _interval(measurement: Measurement, option: Option) -> Option | None:
     0, as the nodes' and presets' ``interval``): a finalist, so that a calibrated schedule is
     chosen over it only where it verifies better (``None`` if a segment is not measured)."""
     n = measurement.num_steps
-    keys = tuple(range(0, n, math.ceil(n / len(option.key_steps))))
+    return _schedule(measurement, option, tuple(range(0, n, math.ceil(n / len(option.key_steps)))))
+
+
+def _schedule(measurement: Measurement, option: Option, keys: tuple[int, ...]) -> Option | None:
+    """``option``'s cut and order with key steps ``keys``, its speedup and predicted error
+    (``None`` if a segment is not measured)."""
+    n = measurement.num_steps
     cut = next(c for c in measurement.cuts if c.id == option.cut)
     error = schedule_error(cut.table(measurement.gain_curve()), keys, n, option.order)
     if math.isinf(error):

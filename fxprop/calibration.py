@@ -128,10 +128,7 @@ class Calibration:
             raise ValueError(f"this calibration is for {self.num_steps} steps "
                              f"({self.scheduler}), not {num_steps}: calibrate again for "
                              f"{num_steps} steps")
-        name = _class_name(scheduler)
-        if name != self.scheduler:
-            raise ValueError(f"this calibration is for {self.scheduler}, not {name}: "
-                             f"calibrate again with that scheduler")
+        self._check_scheduler(scheduler)
         options = dict(reuse=self.reuse, key_steps=list(self.key_steps), forecast=self.forecast,
                        forecast_in=self.forecast_in, forecast_reach=self.forecast_reach,
                        prior_noise=0)
@@ -143,10 +140,7 @@ class Calibration:
         """Raise ``ValueError`` unless ``scheduler`` (an instance, class or name) is the one
         calibrated for and ``sigmas`` (a run's grid, its last entry the end) the grid it was
         measured on (any grid, for a calibration without ``sigmas``)."""
-        name = _class_name(scheduler)
-        if name != self.scheduler:
-            raise ValueError(f"this calibration is for {self.scheduler}, not {name}: calibrate "
-                             "again with that sampler")
+        self._check_scheduler(scheduler)
         if not self.sigmas:
             return
         if len(sigmas) != len(self.sigmas):
@@ -157,6 +151,12 @@ class Calibration:
             raise ValueError(f"this calibration is for the sigmas {_short(self.sigmas)}, not "
                              f"{_short(sigmas)} (another scheduler, denoise or start step): "
                              "calibrate again for this grid")
+
+    def _check_scheduler(self, scheduler: Any) -> None:
+        name = _class_name(scheduler)
+        if name != self.scheduler:
+            raise ValueError(f"this calibration is for {self.scheduler}, not {name}: "
+                             "calibrate again with that scheduler or sampler")
 
     def check_model(self, unet: nn.Module) -> None:
         """Raise ``ValueError`` if ``unet`` is not the model this was calibrated on."""

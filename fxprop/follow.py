@@ -8,9 +8,8 @@ A generation started by :meth:`~PlanFollower.set_sigmas` (k-diffusion samplers) 
 the steps of a sigma grid by their timestep instead (:mod:`fxprop.grid`).
 :meth:`PlanFollower.run_planned` is the one step function of both (plan lookup, then the full
 part at a key step or the every-step part on the planned frontier, then the cache update), so
-an export cannot behave differently from the runtime. Planned timesteps are host numbers; a
-pipeline's timestep (a view of the scheduler's timesteps) is matched by its storage offset, so
-the common path reads no device value.
+an export cannot behave differently from the runtime. One generation's state, and how a call's
+timestep is matched to its planned step, are :mod:`fxprop.generation`'s.
 """
 
 from __future__ import annotations
@@ -26,11 +25,13 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from .forecast import KeyFrontiers, sigma_signal, signal_levels
+from .forecast import sigma_signal, signal_levels
+from .generation import Generation, first_index
+from .grid import GridGeneration, grid_values, host_floats, model_timesteps
 from .plan import Plan
 
-__all__ = ["PlanFollower", "Generation", "FollowState", "Scope", "active_scope",
-           "TimestepSource", "StepCall", "StepParts", "timestep_float"]
+__all__ = ["PlanFollower", "FollowState", "Scope", "active_scope", "TimestepSource", "StepCall",
+           "StepParts"]
 
 #: () -> the scheduler of the current generation (its ``timesteps``, ``begin_index``,
 #: ``config.num_train_timesteps`` and signal levels are read when it sets new timesteps)
@@ -52,54 +53,6 @@ class StepParts(Protocol):
     step_inputs: list[int]                        # the call's tensors the step part reads
     num_outputs: int
 
-
-@dataclass
-class Generation:
-    """Cross-step state of one generation; dropped whole when a new one starts."""
-
-    plan: Plan
-    source: Any                     # the timesteps tensor planned from (compared by identity)
-    begin: int = 0                  # index of step 0 in ``source``
-    step: int = 0                   # the next step to run
-    off_plan: bool = False
-    frontiers: KeyFrontiers = None  # type: ignore[assignment]  # the last key frontiers
-    model_state: Any = None  # the state its frontier was computed in (runtime's, per key step)
-
-    def __post_init__(self) -> None:
-        if self.frontiers is None:
-            self.frontiers = KeyFrontiers(self.plan.forecast + 1)
-
-    def leave_plan(self) -> None:
-        """Run the whole UNet for the rest of this generation; release the cached state."""
-        self.off_plan = True
-        self.release()
-
-    def release(self) -> None:
-        """Drop the tensors kept across steps (the generation cannot use them any more)."""
-        self.frontiers.clear()
-
-    #: Whether a call with a signature not seen at a key step runs the whole UNet and keeps
-    #: its frontier (a key step of its own); else it leaves the plan.
-    adopts = False
-
-    def select(self, key: Any) -> None:
-        """Make ``frontiers`` those of calls with signature ``key`` (here one set for all: a
-        key step with another signature replaces it; see :class:`fxprop.grid.GridGeneration`)."""
-
-    @property
-    def finished(self) -> bool:
-        """Whether every planned step ran (its cached tensors can go)."""
-        return self.step >= len(self.plan)
-
-    def match(self, timestep: Any) -> str | None:
-        """Make ``step`` the step of a call with ``timestep``; None, or why it is off-plan.
-
-        Here calls follow the plan in order, one per step (diffusers pipelines and loops);
-        :class:`fxprop.grid.GridGeneration` maps them by value (k-diffusion samplers)."""
-        if self.step >= len(self.plan) or not _matches(timestep, self, self.begin + self.step):
-            return (f"UNet call {self.step} does not match the plan of {len(self.plan)} "
-                    "steps (unexpected timestep or call order)")
-        return None
 
 
 @dataclass
@@ -212,8 +165,6 @@ class PlanFollower(nn.Module):
         calls and DPM++ 2S/SDE midpoints belong to a step. Forecasts in the signal variable
         use ``1 / sqrt(1 + sigma^2)``. Raises ``ValueError`` in parallel mode (its batched
         steps assume one call per step) and for a grid whose timesteps do not decrease."""
-        from .grid import model_timesteps  # grid.py builds on this module
-
         train = getattr(model_wrap, "sigmas", None)
         return self.set_grid(sigmas, model_timesteps(sigmas, model_wrap),
                              len(train) if isinstance(train, torch.Tensor) else None)
@@ -228,8 +179,6 @@ class PlanFollower(nn.Module):
         as ComfyUI's rounded ones do). ``policy``: plan with it instead of ``self.policy``
         (a run's own key steps). Raises ``ValueError`` in parallel mode and for a grid whose
         ``by`` values do not decrease strictly."""
-        from .grid import GridGeneration, grid_values, host_floats
-
         if by not in ("timestep", "sigma"):
             raise ValueError(f"by must be 'timestep' or 'sigma', got {by!r}")
         policy = self.policy if policy is None else policy
@@ -268,7 +217,7 @@ class PlanFollower(nn.Module):
             return
         begin = getattr(scheduler, "begin_index", None)
         if begin is None:
-            begin = _first_index(timesteps, timestep)
+            begin = first_index(timesteps, timestep)
         signal = signal_levels(scheduler) if self.policy.needs_signal else None
         self.set_timesteps(timesteps, getattr(scheduler.config, "num_train_timesteps", None),
                            begin, signal)
@@ -339,43 +288,4 @@ class PlanFollower(nn.Module):
         return gen is None or gen.plan.is_key[gen.step]
 
 
-def timestep_float(timestep: Any) -> float:
-    t = torch.as_tensor(timestep).flatten()
-    return float(t[0])
 
-
-def _view_index(timestep: Any, source: Any) -> int | None:
-    """Index of ``timestep`` in ``source`` if it is a 0-d view of it (host metadata only)."""
-    if (isinstance(timestep, torch.Tensor) and isinstance(source, torch.Tensor)
-            and timestep.ndim == 0 and timestep._base is source and source.is_contiguous()
-            and source.ndim == 1):
-        return timestep.storage_offset() - source.storage_offset()
-    return None
-
-
-def _matches(timestep: Any, gen: Generation, index: int) -> bool:
-    """Whether ``timestep`` is entry ``index`` of the planned timesteps.
-
-    A pipeline iterating ``scheduler.timesteps`` passes views of it; their storage offset is
-    host metadata, so matching them costs no device sync. Other values are compared by value,
-    after rounding the planned one to the call's dtype (a loop may pass ``t.to(torch.float16)``).
-    """
-    view = _view_index(timestep, gen.source)
-    if view is not None:
-        return view == index
-    value, planned = timestep_float(timestep), gen.plan.timesteps[index - gen.begin]
-    if value == planned:
-        return True
-    if isinstance(timestep, torch.Tensor) and timestep.dtype.is_floating_point:
-        return float(torch.tensor(planned).to(timestep.dtype)) == value
-    return False
-
-
-def _first_index(timesteps: torch.Tensor, timestep: Any) -> int:
-    """Where a generation that starts at ``timestep`` begins in ``timesteps`` (once per run)."""
-    view = _view_index(timestep, timesteps)
-    if view is not None:
-        return view
-    values = torch.as_tensor(timesteps).flatten().tolist()
-    first = timestep_float(timestep)
-    return next((i for i, v in enumerate(values) if float(v) == first), 0)

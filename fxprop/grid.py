@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .forecast import KeyFrontiers
-from .follow import Generation, timestep_float
+from .generation import Generation, timestep_float
 
 __all__ = ["GridGeneration", "grid_step", "grid_values", "model_timesteps", "host_floats"]
 

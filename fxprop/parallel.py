@@ -26,7 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .capture import TENSOR, FlatCall, flatten_call
-from .follow import Generation
+from .generation import Generation
 from .graph import placeholders
 from .plan import Segment
 from .split import Parts

@@ -34,7 +34,8 @@ from .config import Policy
 from .distributed import (Ranks, agree, gather, inputs_digest, local_call, own_steps,
                           plan_digest, ranks_of)
 from .fingerprint import portable_digests
-from .follow import FollowState, Generation, PlanFollower, Scope, TimestepSource, scoped
+from .follow import FollowState, PlanFollower, Scope, TimestepSource, scoped
+from .generation import Generation
 from .intercept import NOT_PLANNED, check_hooks, intercept, intercepted, release
 from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
                        repeated_call, steps_per_call, timestep_vector)

@@ -37,7 +37,8 @@ from ..cache import CaptureCache
 from ..capture import Captured, FlatCall, capture
 from ..compile import compile_options, compile_parts
 from ..config import Policy
-from ..follow import FollowState, Generation, PlanFollower, Scope, active_scope, scoped
+from ..follow import FollowState, PlanFollower, Scope, active_scope, scoped
+from ..generation import Generation
 from ..intercept import NOT_PLANNED, check_hooks
 from ..plan import Plan
 from ..regions import resolve_layout

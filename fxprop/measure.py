@@ -170,13 +170,6 @@ class Measurement:
         self._out_specs[call.key] = captured.out_spec
         return self._graphs[call.key]
 
-    def calibration(self, target_speedup: float | None = None,
-                    max_error: float | None = None) -> Any:
-        """The :class:`~fxprop.calibration.Calibration` for one budget (see
-        :func:`fxprop.calibrate.choose_calibration`)."""
-        from .calibrate import choose_calibration
-        return choose_calibration(self, target_speedup=target_speedup, max_error=max_error)
-
     def add_gains(self, found: dict[int, float]) -> None:
         for j, g in found.items():
             self.gains.setdefault(j, []).append(g)

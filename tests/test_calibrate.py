@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 
 import fxprop
 from conftest import decoder_attn_unet, make_scheduler, sample_of
-from fxprop.calibrate import calibrate, other_noise, states, verified_choice
-from fxprop.measure import output_errors
+from fxprop.calibrate import calibrate
 from fxprop.calibration import FORMAT_VERSION, Calibration
+from fxprop.choice import verified_choice
+from fxprop.measure import output_errors, states
 from fxprop.optimise import Option, check_budget, choose, options, pareto, schedule_error
+from fxprop.sources import other_noise
 
 torch.set_num_threads(1)
 STEPS = 8

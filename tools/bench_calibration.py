@@ -5,8 +5,8 @@
 
 Calibrates the shipped digits model once (50 DDIM steps, 2 calls of the ten digits, seeds
 100-101, as ``python -m fxprop calibrate``; ``fxprop.calibrate.measure``) and chooses a
-schedule per FLOP-ideal target from that one measurement (each choice runs its finalists on the
-calibration calls to verify). Hand-set policies: the faster-diffusion preset, encoder every N,
+schedule per FLOP-ideal target from that one measurement (``choose_calibration``; each choice
+runs its finalists on the calibration calls to verify). Hand-set policies: the faster-diffusion preset, encoder every N,
 DeepCache uniform (every branch) and non-uniform, each with forecast orders 0-2 where they
 apply, those of a measured cut within 10% of a target's speed. All run on other seeds (1000+)
 than calibration, interleaved (tools/bench_quality.py's runner); per policy: FLOP-ideal and
@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import fxprop  # noqa: E402
 from bench_quality import Row, run, score  # noqa: E402
 from fxprop.calibrate import measure  # noqa: E402
+from fxprop.choice import choose_calibration  # noqa: E402
 from fxprop.cli import calibration_calls  # noqa: E402
 from fxprop.demo import load_digits_pipeline  # noqa: E402
 from fxprop.demo.plot import pareto_plot  # noqa: E402
@@ -82,7 +83,7 @@ def _ideal(measured, reuse, branch, keys) -> float:
 
 def calibrated_policy(measured, speed: float, steps: int, scheduler) -> tuple[dict, tuple]:
     """(accelerate options, spec) of the schedule calibrated at FLOP-ideal ``speed`` (printed)."""
-    calibration = measured.calibration(target_speedup=speed)
+    calibration = choose_calibration(measured, target_speedup=speed)
     print(calibration)
     return calibration.accelerate_options(steps, scheduler), (
         calibration.reuse, calibration.branch, calibration.forecast, calibration.key_steps)

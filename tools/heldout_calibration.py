@@ -21,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fxprop.calibrate import choose_calibration, measure  # noqa: E402
+from fxprop.calibrate import measure  # noqa: E402
+from fxprop.choice import choose_calibration  # noqa: E402
 from fxprop.cli import calibration_calls  # noqa: E402
 from fxprop.demo import load_digits_pipeline  # noqa: E402
 from fxprop.propagation import final_of  # noqa: E402

@@ -1,6 +1,7 @@
 """fxprop: training-free acceleration of diffusion UNets as torch.fx graph transformations."""
 
 from .api import accelerate, restore
+from .attach import runtime_of
 from .calibrate import calibrate
 from .calibration import Calibration
 from .compile import CompileOptions
@@ -9,7 +10,6 @@ from .deep import branches
 from .export import LoadedUNet, export, load
 from .fingerprint import fingerprint
 from .forecast import signal_levels
-from .pipelines import runtime_of
 from .plan import Plan, Segment, make_plan
 from .runtime import AcceleratedUNet
 from .schedules import (PRESETS, deepcache_nonuniform, every, faster_diffusion,

@@ -19,10 +19,10 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
+from .attach import runtime_of
 from .capture import normalise_timestep, path_name, flatten_call
 from .config import make_policy
 from .follow import PlanFollower
-from .pipelines import runtime_of
 from .runtime import AcceleratedUNet
 
 __all__ = ["export", "load", "LoadedUNet", "META_FILE"]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attach import ATTRIBUTE
 from .capture import flatten_call
 from .config import Policy
 from .copying import copies_plain, forget, plain_reduce
@@ -32,20 +33,13 @@ from .prior import increment, undefined_for
 from .runtime import AcceleratedUNet
 
 __all__ = ["PipelineAdapter", "PipelineCall", "accelerate_pipeline", "restore_pipeline",
-           "is_pipeline", "runtime_of"]
+           "is_pipeline"]
 
-_ATTR = "_fxprop"
 _GATE = "fxprop-key-steps-only"
 
 
 def is_pipeline(obj: Any) -> bool:
     return isinstance(getattr(obj, "unet", None), nn.Module) and hasattr(obj, "scheduler")
-
-
-def runtime_of(pipe: Any) -> AcceleratedUNet | None:
-    """The runtime of an accelerated pipeline (policy, captures), or None."""
-    adapter = getattr(pipe, "__dict__", {}).get(_ATTR)
-    return None if adapter is None else adapter.runtime
 
 
 @dataclass
@@ -129,7 +123,7 @@ class PipelineAdapter:
 
 def _call(self: Any, *args: Any, **kwargs: Any) -> Any:
     """``__call__`` of an accelerated pipeline: the original one in a scope of its own."""
-    adapter = self.__dict__.get(_ATTR)
+    adapter = self.__dict__.get(ATTRIBUTE)
     if adapter is None:  # made by from_pipe on the accelerated class: a plain pipeline
         return type(self).fxprop_original_class.__call__(self, *args, **kwargs)
     adapter = _follow_unet(self, adapter)
@@ -148,7 +142,7 @@ def _follow_unet(pipe: Any, adapter: PipelineAdapter) -> PipelineAdapter:
     runtime = adapter.runtime
     accelerate_pipeline(pipe, runtime.policy, adapter.explicit_prior_noise,
                         compile=runtime.compile_options)
-    return pipe.__dict__[_ATTR]
+    return pipe.__dict__[ATTRIBUTE]
 
 
 def _with_callback(adapter: PipelineAdapter, call: PipelineCall, kwargs: dict) -> dict:
@@ -173,7 +167,7 @@ def _current_call(adapter: PipelineAdapter) -> PipelineCall | None:
 def _prepare_latents(self: Any, *args: Any, **kwargs: Any) -> Any:
     """``prepare_latents`` of an accelerated pipeline: records ``z_T`` for prior noise (the
     latents, or the first item where it returns a tuple, as inpainting does)."""
-    adapter = self.__dict__.get(_ATTR)
+    adapter = self.__dict__.get(ATTRIBUTE)
     original = type(self).fxprop_original_class.prepare_latents
     out = original(self, *args, **kwargs)
     call = None if adapter is None else _current_call(adapter)
@@ -193,7 +187,7 @@ def _prepare_latents(self: Any, *args: Any, **kwargs: Any) -> Any:
 def _reduce_ex(self: Any, protocol: int) -> tuple:
     """Copies and pickles of an accelerated pipeline are plain pipelines of its original class
     (their UNet a plain copy, :mod:`fxprop.copying`): accelerate a copy again to accelerate it."""
-    return plain_reduce(self, type(self).fxprop_original_class, _ATTR, protocol)
+    return plain_reduce(self, type(self).fxprop_original_class, ATTRIBUTE, protocol)
 
 
 class KeyStepsOnly:
@@ -264,7 +258,7 @@ def _resolve_prior_noise(pipe: Any, cls: type, policy: Policy, explicit: bool) -
 def accelerate_pipeline(pipe: Any, policy: Policy, explicit_prior_noise: bool,
                         compile: Any = None) -> Any:
     """Install fxprop on ``pipe`` in place (re-planning cleanly if it was already)."""
-    previous = pipe.__dict__.get(_ATTR)
+    previous = pipe.__dict__.get(ATTRIBUTE)
     cls = type(pipe) if previous is None else previous.original_class
     prior_noise = _resolve_prior_noise(pipe, cls, policy, explicit_prior_noise)
     runtime = AcceleratedUNet(pipe.unet, policy, compile=compile)  # shares the UNet's captures
@@ -279,7 +273,7 @@ def accelerate_pipeline(pipe: Any, policy: Policy, explicit_prior_noise: bool,
     if previous is not None:
         restore_pipeline(pipe)
     _gate_controlnet(pipe, adapter)
-    pipe.__dict__[_ATTR] = adapter
+    pipe.__dict__[ATTRIBUTE] = adapter
     pipe.__class__ = _accelerated_class(cls)
     return pipe
 
@@ -311,12 +305,12 @@ def _ungate_controlnet(adapter: PipelineAdapter) -> None:
 def restore_pipeline(pipe: Any) -> Any:
     """Undo :func:`accelerate_pipeline`: the original class, and the UNet and ControlNet no
     longer intercepted unless another accelerated pipeline or runtime shares them."""
-    adapter = pipe.__dict__.get(_ATTR)
+    adapter = pipe.__dict__.get(ATTRIBUTE)
     if adapter is None:
         raise ValueError(f"{type(pipe).__name__} was not accelerated by fxprop; "
                          "nothing to restore")
     pipe.__class__ = adapter.original_class
-    del pipe.__dict__[_ATTR]
+    del pipe.__dict__[ATTRIBUTE]
     _ungate_controlnet(adapter)
     adapter.runtime.release()
     return pipe

@@ -20,9 +20,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .attach import runtime_of
 from .calibration import weights_digest
 from .capture import FlatCall, flatten_call
 from .forecast import signal_levels
+from .runtime import AcceleratedUNet
 
 __all__ = ["Source", "source_of", "other_noise", "generators", "scheduler_positions"]
 
@@ -109,9 +111,6 @@ class Source:
 def source_of(target: Any, num_inference_steps: int | None, scheduler: Any) -> Source:
     """The :class:`Source` of a diffusers pipeline with a ``.unet`` (``scheduler``: ignored) or
     of a bare UNet whose calls are sampling loops (``scheduler``: the one they step)."""
-    from .pipelines import runtime_of
-    from .runtime import AcceleratedUNet
-
     if isinstance(target, Source):
         return target
     unet = getattr(target, "unet", None)

@@ -18,18 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
-__all__ = ["Calibration", "FORMAT_VERSION", "model_id", "weights_digest"]
+from .fingerprint import weights_digest
+
+__all__ = ["Calibration", "FORMAT_VERSION", "model_id"]
 
 #: Version of the JSON format (3: ``weights``; 4: ``sigmas``); version 3 files are read as
 #: calibrations for any sigma grid of their scheduler, files of other versions are refused.
 FORMAT_VERSION = 4
 #: Fields each older version that is still read lacks, with the value they mean there.
 MIGRATIONS = {3: {"sigmas": []}}
-#: Groups of parameters in :func:`weights_digest`, and values sampled from each parameter.
-DIGEST_GROUPS, DIGEST_SAMPLES = 16, 64
 #: Two digests name the same weights if no group differs by more than this (a model loaded in
 #: fp16 or bf16 moves a group by about 1e-4; other weights by about 0.03).
 DIGEST_TOLERANCE = 2e-3
@@ -52,25 +51,6 @@ def model_id(unet: nn.Module) -> str:
     digest = hashlib.sha256(f"{type(unet).__qualname__}:{described}".encode()).hexdigest()
     return f"{type(unet).__name__}:{digest[:16]}"
 
-
-def weights_digest(unet: nn.Module) -> tuple[float, ...]:
-    """A cheap digest of the UNet's weights, the same in any dtype or device: the parameters in
-    :data:`DIGEST_GROUPS` groups (in order); a group's value is ``sum(s_k * w_k) / sum(|w_k|)``
-    over :data:`DIGEST_SAMPLES` evenly strided values of each of its parameters, with
-    alternating signs ``s_k``, so weights drawn independently (another checkpoint, another
-    seed) give values about 0.03 apart while a rounding of the same weights moves them by
-    about 1e-4. Parameters on the meta device (not loaded) are left out."""
-    tensors = [p.detach() for p in unet.parameters() if p.device.type != "meta"]
-    sums = torch.zeros(2, DIGEST_GROUPS, dtype=torch.float64)
-    for i, tensor in enumerate(tensors):
-        flat = tensor.reshape(-1)
-        sample = flat[::max(1, flat.numel() // DIGEST_SAMPLES)][:DIGEST_SAMPLES]
-        sample = sample.to("cpu", torch.float64)
-        signs = 1 - 2 * (torch.arange(len(sample)) % 2)
-        group = i * DIGEST_GROUPS // max(len(tensors), 1)
-        sums[0, group] += (sample * signs).sum()
-        sums[1, group] += sample.abs().sum()
-    return tuple(round(v, 6) for v in (sums[0] / sums[1].clamp_min(1e-30)).tolist())
 
 
 @dataclass(frozen=True)

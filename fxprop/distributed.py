@@ -14,7 +14,7 @@ the batch is exact.
 
 Before a generation's first exchange the ranks compare a digest of their plan, input
 signature, first latent and UNet (:func:`~fxprop.fingerprint.portable_fingerprint` and
-:func:`~fxprop.calibration.weights_digest`) with one small ``all_gather``, then, their input
+:func:`~fxprop.fingerprint.weights_digest`) with one small ``all_gather``, then, their input
 signatures being equal, the sums of every conditioning input (prompt embeddings, added
 conditions, ControlNet residuals) with another; ranks that disagree all raise, naming what.
 """
@@ -30,9 +30,8 @@ import torch.distributed as dist
 
 from torch import nn
 
-from .calibration import weights_digest
 from .capture import FlatCall
-from .fingerprint import portable_fingerprint
+from .fingerprint import portable_fingerprint, weights_digest
 from .parallel import map_batched
 
 __all__ = ["Ranks", "ranks_of", "shares", "own_steps", "local_call", "gather", "agree",

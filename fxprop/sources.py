@@ -21,8 +21,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .attach import runtime_of
-from .calibration import weights_digest
 from .capture import FlatCall, flatten_call
+from .fingerprint import weights_digest
 from .forecast import signal_levels
 from .runtime import AcceleratedUNet
 

@@ -21,7 +21,8 @@ if COMFY.patcher_extension is None:
     pytest.skip("this ComfyUI predates model wrappers, which fxprop refuses (tests/test_comfyui.py "
                 "checks the refusal)", allow_module_level=True)
 
-from fxprop.calibration import Calibration, weights_digest  # noqa: E402
+from fxprop.calibration import Calibration  # noqa: E402
+from fxprop.fingerprint import weights_digest  # noqa: E402
 from fxprop.comfyui import NODE_CLASS_MAPPINGS  # noqa: E402
 from fxprop.comfyui.calibrate import ComfySampling, calibrate_comfy, other_seed  # noqa: E402
 from fxprop.comfyui.calibrated import CalibratedRunner  # noqa: E402

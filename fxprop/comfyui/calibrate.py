@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import torch
 
 from ..calibrate import calibrate
-from ..calibration import Calibration, weights_digest
+from ..calibration import Calibration
+from ..fingerprint import weights_digest
 from ..forecast import sigma_signal
 from ..sources import Source
 from .calls import attention_patches, comfy_call

@@ -13,17 +13,18 @@ from collections.abc import Sequence
 from typing import Any, Hashable, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .cuts import Cut, encoder_cut
 from .deep import check_branch, deep_cut
-from .distributed import check_group
 from .forecast import check_forecast, check_forecast_in, check_reach
 from .plan import Plan, make_plan
 from .prior import check_weight
 from .schedules import Schedule, key_step_schedule
 
-__all__ = ["EncoderPropagation", "DeepCache", "Policy", "make_policy", "REUSE_MODES"]
+__all__ = ["EncoderPropagation", "DeepCache", "Policy", "make_policy", "REUSE_MODES",
+           "check_group"]
 
 
 @runtime_checkable
@@ -254,3 +255,19 @@ def _elsewhere(names: list[str]) -> str:
         if modes:
             hints.append(f"; {name} is only valid with reuse={' or '.join(modes)}")
     return "".join(hints)
+
+
+def check_group(group: Any, cfg_parallel: Any) -> None:
+    """Raise unless ``group`` is a process group (or None) and ``cfg_parallel`` a bool that
+    has a group."""
+    if not isinstance(cfg_parallel, bool):
+        raise TypeError(f"cfg_parallel must be a bool, got {cfg_parallel!r}")
+    if group is None:
+        if cfg_parallel:
+            raise ValueError("cfg_parallel=True splits the batch between two ranks of a "
+                             "process group: pass group= (e.g. dist.group.WORLD)")
+        return
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed process group (after "
+                        f"dist.init_process_group(), e.g. dist.group.WORLD), got "
+                        f"{type(group).__name__}")

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .capture import FlatCall
+from .config import check_group
 from .fingerprint import portable_fingerprint, weights_digest
 from .parallel import map_batched
 
@@ -60,21 +61,6 @@ class Ranks:
     def shares(self) -> int:
         return self.size // self.halves
 
-
-def check_group(group: Any, cfg_parallel: Any) -> None:
-    """Raise unless ``group`` is a process group (or None) and ``cfg_parallel`` a bool that
-    has a group."""
-    if not isinstance(cfg_parallel, bool):
-        raise TypeError(f"cfg_parallel must be a bool, got {cfg_parallel!r}")
-    if group is None:
-        if cfg_parallel:
-            raise ValueError("cfg_parallel=True splits the batch between two ranks of a "
-                             "process group: pass group= (e.g. dist.group.WORLD)")
-        return
-    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed process group (after "
-                        f"dist.init_process_group(), e.g. dist.group.WORLD), got "
-                        f"{type(group).__name__}")
 
 
 def ranks_of(group: Any, cfg_parallel: bool) -> Ranks | None:

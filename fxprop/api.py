@@ -6,11 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from .calibration import Calibration
-from .compile import compile_options
-from .config import make_policy
-from .pipelines import accelerate_pipeline, is_pipeline, restore_pipeline
-from .runtime import AcceleratedUNet
+from .calibration.data import Calibration
+from .clients.pipelines import accelerate_pipeline, is_pipeline, restore_pipeline
+from .plan.policies import make_policy
+from .runtime.accelerated import AcceleratedUNet
+from .runtime.compile import compile_options
 
 __all__ = ["accelerate", "restore"]
 
@@ -35,7 +35,7 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
             see :class:`~fxprop.DeepCache`).
         prior_noise: weight of prior noise injection (``None``: the policy's default, 0.003 for
             ``"encoder"``, 0 for ``"deep"``), a finite number >= 0. Pipelines apply it in
-            their scheduler's units (:mod:`fxprop.prior`); with schedulers where it is not
+            their scheduler's units (:mod:`fxprop.plan.prior`); with schedulers where it is not
             defined (no ``alphas_cumprod``: EDM) the default is off and an explicit weight
             raises. For a bare UNet it is part of the plan (``plan.inject``) and your loop
             adds it.
@@ -44,7 +44,7 @@ def accelerate(target: Any, key_steps: Any = None, *, reuse: str = "encoder",
             ``cache_branch_id``), or in parallel mode ``group=`` (a ``torch.distributed``
             process group whose ranks share each segment's steps; every rank runs the same
             call) and ``cfg_parallel=True`` (two ranks split CFG's halves); see
-            :mod:`fxprop.distributed`.
+            :mod:`fxprop.runtime.distributed`.
         compile: ``True``, a dict of ``torch.compile`` options (``backend``, ``mode``,
             ``dynamic``, ``options``) or :class:`~fxprop.CompileOptions`: compile every part
             with ``torch.compile(fullgraph=True)`` when it is first captured (once per input

@@ -236,18 +236,18 @@ def part_calls():
     """Counts the ``record_function`` labels fxprop's runtime enters (``fxprop.key``,
     ``fxprop.step[x3]``, ...): what ``torch.profiler`` would list for fxprop's parts, without
     profiling every op (0.76 s -> 0.06 s a generation; test_parallel checks both agree)."""
-    import fxprop.runtime
-    calls, real = Counter(), fxprop.runtime.record_function
+    import fxprop.runtime.accelerated
+    calls, real = Counter(), fxprop.runtime.accelerated.record_function
 
     def counted(label):
         calls[label] += 1
         return real(label)
 
-    fxprop.runtime.record_function = counted
+    fxprop.runtime.accelerated.record_function = counted
     try:
         yield calls
     finally:
-        fxprop.runtime.record_function = real
+        fxprop.runtime.accelerated.record_function = real
 
 
 # -- assertions ------------------------------------------------------------------------------------

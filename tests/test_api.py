@@ -32,7 +32,7 @@ def test_bad_targets_and_options():
             fxprop.accelerate(unet, prior_noise=bad)
     with pytest.raises(ValueError, match="max_batch bounds"):
         fxprop.accelerate(unet, max_batch=4)
-    assert fxprop.intercept.intercepted(unet) is None
+    assert fxprop.runtime.intercept.intercepted(unet) is None
 
 
 def test_unknown_regions_name_what_was_looked_for():
@@ -58,7 +58,7 @@ def test_restore_is_bit_for_bit_and_untouched_restore_raises():
     accelerated = _run(pipe)
     assert fxprop.restore(pipe) is pipe
     assert type(pipe) is original_class and pipe.unet is original_unet
-    assert "forward" not in vars(pipe.unet) or not fxprop.intercept.intercepted(pipe.unet)
+    assert "forward" not in vars(pipe.unet) or not fxprop.runtime.intercept.intercepted(pipe.unet)
     assert torch.equal(_run(pipe), plain)
     assert not torch.equal(accelerated, plain)  # a sparse plan really reuses features
     with pytest.raises(ValueError, match="was not accelerated"):

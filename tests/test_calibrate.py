@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 
 import fxprop
 from conftest import decoder_attn_unet, make_scheduler, sample_of
-from fxprop.calibrate import calibrate
-from fxprop.calibration import FORMAT_VERSION, Calibration
-from fxprop.choice import verified_choice
-from fxprop.measure import output_errors, states
-from fxprop.optimise import Option, check_budget, choose, options, pareto, schedule_error
-from fxprop.sources import other_noise
+from fxprop.calibration.calibrate import calibrate
+from fxprop.calibration.data import FORMAT_VERSION, Calibration
+from fxprop.calibration.choice import verified_choice
+from fxprop.calibration.measure import output_errors, states
+from fxprop.calibration.optimise import (Option, check_budget, choose, options, pareto,
+                                         schedule_error)
+from fxprop.calibration.sources import other_noise
 
 torch.set_num_threads(1)
 STEPS = 8
@@ -318,7 +319,7 @@ def test_a_calibration_of_another_model_is_refused(digits):
 
 
 def test_the_model_id_is_what_the_model_is_not_where_it_was_loaded_from(digits, tmp_path):
-    from fxprop.calibration import model_id
+    from fxprop.calibration.data import model_id
     from fxprop.demo import DIGITS_DIR, load_digits_pipeline
 
     shutil.copytree(DIGITS_DIR, tmp_path / "copy")

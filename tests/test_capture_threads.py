@@ -1,6 +1,6 @@
-"""A capture must not disturb other threads (fxprop.calls, fxprop.twin): while torch.export
-traces, torch.fx patches nn.Module for the whole process and export swaps fake tensors into
-the module it traces, so plain calls of the same UNet in another thread broke the capture
+"""A capture must not disturb other threads (fxprop.graph.calls, fxprop.graph.twin): while
+torch.export traces, torch.fx patches nn.Module for the whole process and export swaps fake tensors
+into the module it traces, so plain calls of the same UNet in another thread broke the capture
 and computed on fakes or with other kernels."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import threading
 import torch
 
 import fxprop
-import fxprop.capture
+import fxprop.graph.capture
 from test_stacks import TwoNames
 
 TIMESTEPS = torch.tensor([900, 500, 100])
@@ -104,8 +104,9 @@ def test_a_capture_leaves_the_users_module_its_own_tensors():
     unet = Peeking().eval()
     LIVE[:] = [unet]
     Peeking.seen.clear()
-    call = fxprop.capture.flatten_call(unet.forward, (torch.randn(2, 4, 8, 8), TIMESTEPS[0]), {})
-    captured = fxprop.capture.capture(unet, call, unet.forward)
+    call = fxprop.graph.capture.flatten_call(unet.forward, (torch.randn(2, 4, 8, 8), TIMESTEPS[0]),
+                                             {})
+    captured = fxprop.graph.capture.capture(unet, call, unet.forward)
     assert Peeking.seen and set(Peeking.seen) == {torch.nn.Parameter}  # never a fake tensor
     weights = {id(t) for t in captured.module.parameters()}
     assert id(unet.out.weight) in weights  # the graph reads the user's own parameters

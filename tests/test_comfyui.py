@@ -24,13 +24,13 @@ from conftest import assert_differs as conftest_differs
 
 COMFY = require_comfy()
 
-import fxprop.comfyui.runner as runner_module  # noqa: E402  (after the skip above)
+import fxprop.clients.comfyui.runner as runner_module  # noqa: E402  (after the skip above)
 from fxprop.comfyui import NODE_CLASS_MAPPINGS  # noqa: E402
-from fxprop.comfyui.calibrate import ComfySampling, calibrate_comfy  # noqa: E402
-from fxprop.comfyui.patch import KEY, patch_model  # noqa: E402
-from fxprop.comfyui.runner import ComfyRunner  # noqa: E402
-from fxprop.config import make_policy  # noqa: E402
-from fxprop.follow import active_scope  # noqa: E402
+from fxprop.clients.comfyui.calibrate import ComfySampling, calibrate_comfy  # noqa: E402
+from fxprop.clients.comfyui.patch import KEY, patch_model  # noqa: E402
+from fxprop.clients.comfyui.runner import ComfyRunner  # noqa: E402
+from fxprop.plan.policies import make_policy  # noqa: E402
+from fxprop.runtime.follow import active_scope  # noqa: E402
 
 #: ComfyUI's wrapper API (``comfy.patcher_extension``, December 2024 on), which fxprop runs in
 WRAPPERS = COMFY.patcher_extension is not None

@@ -21,14 +21,15 @@ if COMFY.patcher_extension is None:
     pytest.skip("this ComfyUI predates model wrappers, which fxprop refuses (tests/test_comfyui.py "
                 "checks the refusal)", allow_module_level=True)
 
-from fxprop.calibration import Calibration  # noqa: E402
-from fxprop.fingerprint import weights_digest  # noqa: E402
+from fxprop.calibration.data import Calibration  # noqa: E402
+from fxprop.graph.fingerprint import weights_digest  # noqa: E402
 from fxprop.comfyui import NODE_CLASS_MAPPINGS  # noqa: E402
-from fxprop.comfyui.calibrate import ComfySampling, calibrate_comfy, other_seed  # noqa: E402
-from fxprop.comfyui.calibrated import CalibratedRunner  # noqa: E402
-from fxprop.comfyui.patch import patch_model  # noqa: E402
-from fxprop.comfyui.runner import ComfyRunner  # noqa: E402
-from fxprop.config import make_policy  # noqa: E402
+from fxprop.clients.comfyui.calibrate import (ComfySampling, calibrate_comfy,  # noqa: E402
+                                               other_seed)
+from fxprop.clients.comfyui.calibrated import CalibratedRunner  # noqa: E402
+from fxprop.clients.comfyui.patch import patch_model  # noqa: E402
+from fxprop.clients.comfyui.runner import ComfyRunner  # noqa: E402
+from fxprop.plan.policies import make_policy  # noqa: E402
 
 STEPS, CFG, SHAPE = 8, 3.0, (1, 4, 8, 8)
 #: cheap measurement settings (every stacked run at the batch itself: one capture less)
@@ -170,7 +171,7 @@ def test_calibrate_node_on_a_lora_model_saves_a_calibration_for_it(model, tmp_pa
 def test_calibration_files_live_in_comfyuis_output_directory(tmp_path, monkeypatch):
     import folder_paths
 
-    from fxprop.comfyui.calibration_nodes import calibration_path
+    from fxprop.clients.comfyui.calibration_nodes import calibration_path
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
     assert calibration_path("fxprop/a.json") == tmp_path / "fxprop" / "a.json"
     assert calibration_path(str(tmp_path / "b.json")) == tmp_path / "b.json"

@@ -42,7 +42,8 @@ def test_accelerate_hooks_on_the_unet_run_on_every_call(order):
     Same(pipe, plain).check("an accelerate hook")
     remove_hook_from_module(pipe.unet)
     fxprop.restore(pipe)
-    assert "forward" not in vars(pipe.unet) or fxprop.intercept.intercepted(pipe.unet) is None
+    assert ("forward" not in vars(pipe.unet)
+            or fxprop.runtime.intercept.intercepted(pipe.unet) is None)
 
 
 def STEPS_OF(pipe) -> int:
@@ -87,7 +88,7 @@ def test_pipeline_built_from_accelerated_components():
     fxprop.restore(pipe)
     Same(rebuilt, plain).check("restoring the other pipeline", changed=False)
     fxprop.restore(rebuilt)
-    assert fxprop.intercept.intercepted(pipe.unet) is None  # the last runtime released it
+    assert fxprop.runtime.intercept.intercepted(pipe.unet) is None  # the last runtime released it
 
 
 @pytest.mark.slow  # ~6 s
@@ -106,7 +107,7 @@ def test_two_controlnet_pipelines_sharing_a_controlnet_in_any_order():
     torch.testing.assert_close(run(first, image=image), sparse, rtol=0, atol=1e-6)
     fxprop.restore(first)
     torch.testing.assert_close(run(first, image=image), reference, rtol=0, atol=1e-6)
-    assert fxprop.intercept.intercepted(first.controlnet) is None
+    assert fxprop.runtime.intercept.intercepted(first.controlnet) is None
 
 
 def test_a_replaced_forward_beneath_fxprop_is_refused():

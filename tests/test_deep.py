@@ -13,14 +13,14 @@ import torch
 from DeepCache import DeepCacheSDHelper
 
 import fxprop
-import fxprop.capture
+import fxprop.graph.capture
 from conftest import (TEXT_DIM, assert_differs, controlnet_pipeline, ddpm_pipeline, sd_pipeline,
                       sd_unet, sdxl_unet, text_embeds)
-from fxprop.config import DeepCache, make_policy
-from fxprop.deep import branch_target, deep_cut, valid_branches
-from fxprop.regions import find_layout, module_path
-from fxprop.schedules import deepcache_nonuniform, key_step_schedule
-from fxprop.split import check_split, split
+from fxprop.plan.policies import DeepCache, make_policy
+from fxprop.graph.deep import branch_target, deep_cut, valid_branches
+from fxprop.graph.regions import find_layout, module_path
+from fxprop.plan.schedules import deepcache_nonuniform, key_step_schedule
+from fxprop.graph.split import check_split, split
 
 STEPS = 7
 
@@ -150,8 +150,8 @@ def _skipped(path, k, r, branch):
 @pytest.mark.parametrize("kind", ["sd", "sdxl", "unet2d"])
 def test_deep_split_composes_for_every_branch(kind):
     unet, args, kwargs = _tiny(kind)
-    call = fxprop.capture.flatten_call(unet.forward, args, kwargs)
-    captured, layout = fxprop.capture.capture(unet, call), find_layout(unet)
+    call = fxprop.graph.capture.flatten_call(unet.forward, args, kwargs)
+    captured, layout = fxprop.graph.capture.capture(unet, call), find_layout(unet)
     resnets = [len(b.resnets) for b in unet.up_blocks]
     for branch in valid_branches(resnets):
         parts = split(captured, deep_cut(captured, layout, branch))

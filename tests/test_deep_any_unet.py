@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-import fxprop.capture
+import fxprop.graph.capture
 from conftest import ddpm_pipeline, fast_params, sd_unet, sdxl_unet
-from fxprop.capture import flatten_call
-from fxprop.deep import branch_target, deep_cut, find_branches, valid_branches
-from fxprop.regions import module_path, resolve_layout
-from fxprop.split import check_split, split
+from fxprop.graph.capture import flatten_call
+from fxprop.graph.deep import branch_target, deep_cut, find_branches, valid_branches
+from fxprop.graph.regions import module_path, resolve_layout
+from fxprop.graph.split import check_split, split
 from real_unets import zero_init_layers
 from test_models import (LDM_SD1, LUCID, MODELS, TIMESTEPS, Model, accelerate, check_model,
                          generate, sparse_generation, unet_of)
@@ -135,7 +135,7 @@ def test_ldm_step_part_runs_only_the_shallow_branch():
 def test_ldm_out_of_range_branch_lists_the_branches():
     model = MODELS[LDM["sd1"]]
     unet = unet_of(model)
-    fxprop.deep.check_branch(unet, 6)  # nothing to check without a capture
+    fxprop.graph.deep.check_branch(unet, 6)  # nothing to check without a capture
     with pytest.raises(ValueError, match=r"branch=6 is out of range for this UNet: valid "
                                          r"branches are 0-5 \(branch 0: forward, into "
                                          r"output_blocks\.5"):
@@ -161,7 +161,7 @@ def _diffusers(kind: str):
 def test_structural_branches_have_deepcache_ids_on_diffusers(kind):
     unet, args, kwargs = _diffusers(kind)
     resnets = [len(b.resnets) for b in unet.up_blocks]
-    found = fxprop.deep.branches(unet, *args, **kwargs)
+    found = fxprop.graph.deep.branches(unet, *args, **kwargs)
     assert [b.id for b in found] == valid_branches(resnets)
     for branch in found:  # each merge feeds the resnet DeepCache's id names
         k, r = branch_target(branch.id, resnets)

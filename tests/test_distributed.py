@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import fxprop
 from conftest import decoder_attn_unet, loop_inputs, run_loop
-from fxprop.distributed import Ranks, own_steps, shares
+from fxprop.runtime.distributed import Ranks, own_steps, shares
 
 TOLERANCE = 1e-4
 WORKER = Path(__file__).with_name("distributed_worker.py")

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 import fxprop
 from conftest import assert_differs, make_scheduler, sd_unet
 from diffusers import DDIMScheduler
-from fxprop.forecast import KeyFrontiers, check_forecast, forecast_weights, lagrange
-from fxprop.plan import make_plan
-from fxprop.schedules import key_step_schedule
+from fxprop.plan.forecast import KeyFrontiers, check_forecast, forecast_weights, lagrange
+from fxprop.plan.plans import make_plan
+from fxprop.plan.schedules import key_step_schedule
 
 TIMESTEPS = torch.tensor([999, 874, 749, 624, 499, 374, 249, 124])
 KEYS = [0, 2, 3, 6]     # segments [0 1] [2] [3 4 5] [6 7]: orders 0, 1 and 2 all occur

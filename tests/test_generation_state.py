@@ -201,5 +201,5 @@ def test_soak_100_generations_across_policies_and_lora(lora_dir):
         run(pipe, generation, num_inference_steps=3, height=32, width=32)
         if generation in (49, 99):
             sizes.append(live_tensor_bytes())
-    assert fxprop.runtime_of(pipe).captures <= fxprop.cache.CAPTURE_CACHE_SIZE
+    assert fxprop.runtime_of(pipe).captures <= fxprop.graph.cache.CAPTURE_CACHE_SIZE
     assert sizes[1] - sizes[0] <= 256 * 1024, sizes

@@ -1,4 +1,4 @@
-"""fxprop.graph on hand-built graphs with known answers, and capture's error types."""
+"""fxprop.graph.nodes on hand-built graphs with known answers, and capture's error types."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import fx, nn
 
-from fxprop.capture import Captured, capture, flatten_call
-from fxprop.graph import (ancestors, descendants, frontier_of, needed, output_nodes,
-                          placeholders, positions)
-from fxprop.split import Parts, extract, split
+from fxprop.graph.capture import Captured, capture, flatten_call
+from fxprop.graph.nodes import (ancestors, descendants, frontier_of, needed, output_nodes,
+                                placeholders, positions)
+from fxprop.graph.split import Parts, extract, split
 
 
 def unet_like() -> tuple[fx.Graph, dict[str, fx.Node]]:

@@ -23,7 +23,7 @@ from torch import nn
 import fxprop
 from conftest import TEXT_DIM, assert_differs, sd_unet
 from real_unets import ldm_unet
-from fxprop.grid import grid_step
+from fxprop.runtime.grid import grid_step
 
 pytest.importorskip("torchsde", reason="k_diffusion.sampling imports torchsde")
 pytest.importorskip("torchdiffeq", reason="k_diffusion.sampling imports torchdiffeq")

@@ -16,7 +16,7 @@ from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
 import fxprop
 from conftest import controlnet_pipeline, decoder_attn_unet, sd_pipeline
-from fxprop.intercept import intercepted
+from fxprop.runtime.intercept import intercepted
 from test_workflows import accelerated_and_plain, run
 
 

@@ -25,14 +25,14 @@ from diffusers import (MotionAdapter, UNet2DModel, UNet3DConditionModel, UNetMot
 from torch import nn
 
 import fxprop
-import fxprop.capture
+import fxprop.graph.capture
 from conftest import (TEXT_DIM, assert_differs, fast_params, make_scheduler, sample_of, sd_unet,
                       text_embeds, tiny_vae)
-from fxprop.capture import Captured, flatten_call
-from fxprop.cuts import encoder_cut, find_bottleneck
-from fxprop.regions import module_path, resolve_layout
-from fxprop.split import check_split
-from fxprop.graph import placeholders
+from fxprop.graph.capture import Captured, flatten_call
+from fxprop.graph.cuts import encoder_cut, find_bottleneck
+from fxprop.graph.regions import module_path, resolve_layout
+from fxprop.graph.split import check_split
+from fxprop.graph.nodes import placeholders
 from ldm_unet import SDXL_ADM_CHANNELS, ldm_sdxl_unet
 from real_unets import LUCID_REGIONS, ldm_sd2_unet, ldm_unet, lucid_unet
 
@@ -333,7 +333,7 @@ def test_ldm_is_found_by_name_and_caches_the_encoder():
 def test_structural_fallback_finds_the_cut_the_user_would_name():
     unet = unet_of(MODELS["user-written, structural fallback"])
     x, *_ = MODELS["user-written, structural fallback"].call()
-    captured = fxprop.capture.capture(unet, flatten_call(unet.forward, (x, TIMESTEPS[0]), {}))
+    captured = fxprop.graph.capture.capture(unet, flatten_call(unet.forward, (x, TIMESTEPS[0]), {}))
     neck = find_bottleneck(captured)
     assert module_path(neck.first).startswith("bottleneck") and neck.resolution == 16
     assert module_path(neck.upsample) == "dec2.up"

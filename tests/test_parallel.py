@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 import fxprop
 from conftest import (LOOP_TIMESTEPS, SCHEDULERS, assert_differs, ddpm_pipeline,
                       decoder_attn_unet, loop_inputs, make_scheduler, part_calls, run_loop)
-from fxprop.capture import flatten_call
-from fxprop.parallel import chunk_at, steps_per_call
-from fxprop.plan import Segment
+from fxprop.graph.capture import flatten_call
+from fxprop.runtime.parallel import chunk_at, steps_per_call
+from fxprop.plan.plans import Segment
 from test_pipelines import CASES, STEPS
 
 KEY_STEPS = [0, 2, 3]

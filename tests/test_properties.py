@@ -14,9 +14,9 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fxprop.cuts import structural_cut
-from fxprop.split import check_split, split
-from fxprop.capture import flatten_call
+from fxprop.graph.cuts import structural_cut
+from fxprop.graph.split import check_split, split
+from fxprop.graph.capture import flatten_call
 from test_models import TIMESTEPS, Model, check_model
 
 SETTINGS = settings(max_examples=6, deadline=None, derandomize=True, database=None,

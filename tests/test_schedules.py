@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from fxprop.plan import make_plan
-from fxprop.schedules import faster_diffusion, key_step_schedule
+from fxprop.plan.plans import make_plan
+from fxprop.plan.schedules import faster_diffusion, key_step_schedule
 
 
 def test_faster_diffusion_preset_is_the_papers_set_at_50_steps():

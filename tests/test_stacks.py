@@ -1,4 +1,4 @@
-"""Module paths that survive any module tree (fxprop.stacks): a module registered under two
+"""Module paths that survive any module tree (fxprop.graph.stacks): a module registered under two
 names, one shared by two blocks, paths spelled from the traced wrapper or from the UNet."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from fxprop.capture import ROOT, capture, flatten_call
-from fxprop.regions import LDM, Region, label_nodes, module_path
-from fxprop.stacks import canonical_stacks, class_name
+from fxprop.graph.capture import ROOT, capture, flatten_call
+from fxprop.graph.regions import LDM, Region, label_nodes, module_path
+from fxprop.graph.stacks import canonical_stacks, class_name
 
 
 class Block(nn.Module):

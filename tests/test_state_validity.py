@@ -213,10 +213,10 @@ def test_attend_and_excite_runs_its_gradient_calls_whole():
 
 
 def test_the_per_call_fingerprint_sees_every_change_a_full_read_sees():
-    """The memoised read (:class:`fxprop.fingerprint.Fingerprinter`) equals ``fingerprint`` and
-    changes with it, change after change (each kind of change its memo could miss)."""
+    """The memoised read (:class:`fxprop.graph.fingerprint.Fingerprinter`) equals ``fingerprint``
+    and changes with it, change after change (each kind of change its memo could miss)."""
     from diffusers.models.attention_processor import AttnProcessor
-    from fxprop.fingerprint import Fingerprinter
+    from fxprop.graph.fingerprint import Fingerprinter
     unet, read = decoder_attn_unet(), Fingerprinter()
     changes = {
         "FreeU": lambda: unet.enable_freeu(**FREEU),

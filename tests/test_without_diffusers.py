@@ -72,8 +72,9 @@ def test_a_bare_unet_copies_pickles_and_restores_plain():
     torch.save(unet, buffer)
     buffer.seek(0)
     for twin in (copy.deepcopy(unet), torch.load(buffer, weights_only=False)):
-        assert fxprop.intercept.intercepted(twin) is None  # plain, holding nothing of fxprop's
+        # plain, holding nothing of fxprop's
+        assert fxprop.runtime.intercept.intercepted(twin) is None
         with torch.no_grad():
             torch.testing.assert_close(twin(x, timesteps[1]), plain[1], atol=0, rtol=0)
     fxprop.restore(acc)
-    assert "forward" not in unet.__dict__ and fxprop.intercept.intercepted(unet) is None
+    assert "forward" not in unet.__dict__ and fxprop.runtime.intercept.intercepted(unet) is None

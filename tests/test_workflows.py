@@ -170,4 +170,4 @@ def test_pipe_to_another_dtype_and_save_pretrained(tmp_path):
         tmp_path, text_encoder=None, tokenizer=None, feature_extractor=None, image_encoder=None,
         safety_checker=None, requires_safety_checker=False)
     assert type(loaded) is StableDiffusionPipeline
-    assert fxprop.intercept.intercepted(loaded.unet) is None
+    assert fxprop.runtime.intercept.intercepted(loaded.unet) is None

@@ -4,7 +4,7 @@
     python tools/bench_calibration.py --per-digit 20 --plot calibration.png
 
 Calibrates the shipped digits model once (50 DDIM steps, 2 calls of the ten digits, seeds
-100-101, as ``python -m fxprop calibrate``; ``fxprop.calibrate.measure``) and chooses a
+100-101, as ``python -m fxprop calibrate``; ``fxprop.calibration.calibrate.measure``) and chooses a
 schedule per FLOP-ideal target from that one measurement (``choose_calibration``; each choice
 runs its finalists on the calibration calls to verify). Hand-set policies: the faster-diffusion preset, encoder every N,
 DeepCache uniform (every branch) and non-uniform, each with forecast orders 0-2 where they
@@ -34,12 +34,12 @@ import torch  # noqa: E402
 
 import fxprop  # noqa: E402
 from bench_quality import Row, run, score  # noqa: E402
-from fxprop.calibrate import measure  # noqa: E402
-from fxprop.choice import choose_calibration  # noqa: E402
+from fxprop.calibration.calibrate import measure  # noqa: E402
+from fxprop.calibration.choice import choose_calibration  # noqa: E402
 from fxprop.cli import calibration_calls  # noqa: E402
 from fxprop.demo import load_digits_pipeline  # noqa: E402
 from fxprop.demo.plot import pareto_plot  # noqa: E402
-from fxprop.schedules import deepcache_nonuniform, every, faster_diffusion  # noqa: E402
+from fxprop.plan.schedules import deepcache_nonuniform, every, faster_diffusion  # noqa: E402
 
 TARGETS = (1.5, 2.0, 2.5, 3.0)
 

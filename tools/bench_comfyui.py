@@ -43,11 +43,11 @@ from train_digits import load_split  # noqa: E402
 
 from comfy_env import init_weights, load_comfy  # noqa: E402
 from fxprop.cli import psnr  # noqa: E402
-from fxprop.comfyui.calibrate import ComfySampling, calibrate_comfy  # noqa: E402
-from fxprop.comfyui.calibrated import CalibratedRunner  # noqa: E402
-from fxprop.comfyui.patch import patch_model  # noqa: E402
-from fxprop.comfyui.runner import ComfyRunner  # noqa: E402
-from fxprop.config import make_policy  # noqa: E402
+from fxprop.clients.comfyui.calibrate import ComfySampling, calibrate_comfy  # noqa: E402
+from fxprop.clients.comfyui.calibrated import CalibratedRunner  # noqa: E402
+from fxprop.clients.comfyui.patch import patch_model  # noqa: E402
+from fxprop.clients.comfyui.runner import ComfyRunner  # noqa: E402
+from fxprop.plan.policies import make_policy  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "fxprop" / "comfy_digits.pt"
 NULL, EMBED = 10, 64

@@ -86,7 +86,7 @@ def _timings(modes: dict[str, Callable[[], float]], repeats: int) -> dict[str, l
 
 def _unet_call(pipe: Any, args: argparse.Namespace) -> Any:
     """One UNet call of the workload's generation, flattened as fxprop captures it."""
-    from fxprop.capture import flatten_call
+    from fxprop.graph.capture import flatten_call
 
     seen = []
     handle = pipe.unet.register_forward_pre_hook(

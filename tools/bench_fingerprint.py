@@ -2,7 +2,7 @@
 
 fxprop reads the state captures are keyed by (the UNet's fingerprint and the grad/autocast
 modes, ``CaptureCache.state``) at every planned UNet call, through a
-:class:`~fxprop.fingerprint.Fingerprinter` that recomputes only the digests of modules whose
+:class:`~fxprop.graph.fingerprint.Fingerprinter` that recomputes only the digests of modules whose
 attributes changed. Its cost depends on the number of modules and attributes, not on widths or
 resolution, so the SD-1.5-arch UNet at a quarter of the widths has SD-1.5's full module tree.
 Prints the full fingerprint (a cold read), the per-step read of an unchanged UNet and of one

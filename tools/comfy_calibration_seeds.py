@@ -21,11 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools")]
 
 import bench_comfyui as bench  # noqa: E402  (puts the repository and tests on sys.path)
-from fxprop.comfyui.calibrate import ComfySampling, calibrate_comfy, other_seed  # noqa: E402
-from fxprop.comfyui.calibrated import CalibratedRunner  # noqa: E402
-from fxprop.comfyui.patch import patch_model  # noqa: E402
-from fxprop.comfyui.runner import ComfyRunner  # noqa: E402
-from fxprop.config import make_policy  # noqa: E402
+from fxprop.clients.comfyui.calibrate import (ComfySampling, calibrate_comfy,  # noqa: E402
+                                               other_seed)
+from fxprop.clients.comfyui.calibrated import CalibratedRunner  # noqa: E402
+from fxprop.clients.comfyui.patch import patch_model  # noqa: E402
+from fxprop.clients.comfyui.runner import ComfyRunner  # noqa: E402
+from fxprop.plan.policies import make_policy  # noqa: E402
 
 CALIBRATION_SEEDS = [1000, 1001]
 

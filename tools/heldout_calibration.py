@@ -21,11 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fxprop.calibrate import measure  # noqa: E402
-from fxprop.choice import choose_calibration  # noqa: E402
+from fxprop.calibration.calibrate import measure  # noqa: E402
+from fxprop.calibration.choice import choose_calibration  # noqa: E402
 from fxprop.cli import calibration_calls  # noqa: E402
 from fxprop.demo import load_digits_pipeline  # noqa: E402
-from fxprop.propagation import final_of  # noqa: E402
+from fxprop.calibration.propagation import final_of  # noqa: E402
 
 TARGETS = (1.5, 2.0, 2.5, 3.0)
 SEEDS = (2000, 2001, 2002, 2003)

@@ -31,9 +31,9 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import fxprop  # noqa: E402
+from common import flops  # noqa: E402
 from workloads import WORKLOADS, generation, pipeline, sd15_unet  # noqa: E402
 
 
@@ -105,12 +105,6 @@ def candidate(unet: torch.nn.Module, workload: Any, mode: Mode, steps: int,
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=mode.deepcache[0], cache_branch_id=mode.deepcache[1])
     return Candidate(run, helper.enable, helper.disable)
-
-
-def flops(run: Callable[[], Any]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        run()
-    return counter.get_total_flops()
 
 
 def warm_up(candidates: dict[str, Candidate]) -> None:

@@ -23,7 +23,6 @@ import argparse
 import copy
 import functools
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from fxprop.demo.classifier import classify, load_classifier  # noqa: E402
 from train_digits import load_split  # noqa: E402
 
 from comfy_env import init_weights, load_comfy  # noqa: E402
+from common import flops, timed_rounds  # noqa: E402
 from fxprop.cli import psnr  # noqa: E402
 from fxprop.clients.comfyui.calibrate import ComfySampling, calibrate_comfy  # noqa: E402
 from fxprop.clients.comfyui.calibrated import CalibratedRunner  # noqa: E402
@@ -208,23 +208,7 @@ def sample(comfy: Any, model: Any, embedding: torch.nn.Embedding, labels: torch.
 def prepare(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
     """``run()``'s output (a warm-up run: captures happen there) and the FLOPs a run executes
     (counted on a second run)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    out = run()
-    with FlopCounterMode(display=False) as counter:
-        run()
-    return out, counter.get_total_flops()
-
-
-def timed_rounds(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """The median wall-clock time of each run over ``repeats`` rounds, every round running all
-    of them in turn (side by side: a slow moment of a shared CPU hits every row alike)."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return run(), flops(run)
 
 
 def table(args: argparse.Namespace) -> None:
@@ -245,9 +229,9 @@ def table(args: argparse.Namespace) -> None:
     print(f"{'policy':<30}{'FLOP-ideal':>11}{'time s':>8}{'speedup':>9}{'PSNR dB':>9}"
           f"{'max err':>9}{'accuracy':>10}")
     (plain, plain_flops), plain_time = next(iter(prepared.values())), next(iter(seconds.values()))
-    for name, (images, flops) in prepared.items():
+    for name, (images, run_flops) in prepared.items():
         accuracy = (classify(classifier, images)[0] == labels).float().mean().item()
-        print(f"{name:<30}{plain_flops / flops:>11.2f}{seconds[name]:>8.2f}"
+        print(f"{name:<30}{plain_flops / run_flops:>11.2f}{seconds[name]:>8.2f}"
               f"{plain_time / seconds[name]:>9.2f}{psnr(images, plain):>9.1f}"
               f"{(images - plain).abs().max().item():>9.3f}{accuracy:>9.1%}", flush=True)
 

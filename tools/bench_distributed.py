@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import fxprop  # noqa: E402
-from bench import flops  # noqa: E402
+from common import flops  # noqa: E402
 from workloads import WORKLOADS, generation, pipeline, sd15_unet  # noqa: E402
 
 

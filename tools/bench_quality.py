@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import fxprop  # noqa: E402
-from bench import flops  # noqa: E402
+from common import flops  # noqa: E402
 from fxprop.cli import psnr  # noqa: E402
 from fxprop.demo import load_digits_pipeline  # noqa: E402
 from fxprop.demo.classifier import (classify, frechet_distance, load_classifier,  # noqa: E402

@@ -1,17 +1,19 @@
-"""The ranks of tests/test_distributed.py: run with WORLD_SIZE=4 and MASTER_ADDR/PORT set.
+"""One rank of tests/test_distributed.py, started as torchrun starts it: a fresh interpreter
+with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (and, here, a PYTHONHASHSEED of its own),
+which builds its own models.
 
 Four ranks. The world runs SD with CFG split in halves and shares (cfg_parallel, 2 x 2); the
 pairs {0, 1} and {2, 3} run segment parallelism on two pipelines each; every rank runs a group
-of one; then the pairs run calls that disagree (steps, seed, shapes, prompt, FreeU on one rank). Each rank saves, per
-case, its output, sequential mode's in one process if it computed it (one rank per group does),
-and the parts it ran, and the errors it raised to
-``<out>/rank<r>.pt``; the test compares them.
+of one; then the pairs run calls that disagree (steps, seed, shapes, prompt, FreeU on one
+rank). Each rank saves, per case, its output, sequential mode's in one process if it computed
+it (one rank per group does), the parts it ran and the errors it raised, and the portable
+fingerprints of the UNets it built (ranks 0 and 1 also of an LDM ``UNetModel`` and a ComfyUI
+model), to ``<out>/rank<r>.pt``; the test compares them.
 """
 
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import sys
 import time
@@ -21,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 import fxprop
+from comfy_env import comfy_path, load_comfy, tiny_patcher
 from conftest import decoder_attn_unet, make_scheduler, part_calls, sd_pipeline, text_embeds
+from fxprop.graph.fingerprint import portable_fingerprint
 from test_pipelines import CASES
 
 KEY_STEPS = [0, 3]   # 6 steps: two segments of 3, shared 2 + 1 between two ranks
@@ -81,7 +85,9 @@ def main(out: str) -> None:
     ones = [dist.new_group([r]) for r in range(4)]
     pair, first = pairs[rank // 2], rank % 2 == 0
     clock = time.perf_counter()
-    sd = Case("sd-cfg", sd_pipeline(unet=decoder_attn_unet()))  # a third of the capture time
+    pipe = sd_pipeline(unet=decoder_attn_unet())  # a third of the capture time
+    built = fingerprints(pipe.unet, rank < 2)     # as built, before anything runs
+    sd = Case("sd-cfg", pipe)
     results = {"world: cfg_parallel x 2 shares": sd.compare(dist.group.WORLD, rank == 3,
                                                              cfg_parallel=True)}
     if rank < 2:   # the references on the rank of the shorter share
@@ -103,23 +109,25 @@ def main(out: str) -> None:
               "prompt": sd.error(pair, prompt=None if first else 5),
               "freeu": sd.error(pair, freeu=not first)}
     print(f"rank {rank}: {time.perf_counter() - clock:.1f} s", flush=True)
-    torch.save({"results": results, "errors": errors}, os.path.join(out, f"rank{rank}.pt"))
+    torch.save({"results": results, "errors": errors, "hash": hash("fxprop"),
+                "fingerprints": built},
+               os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def _rank(rank: int, out: str) -> None:
-    os.nice(5)   # four ranks on a shared machine: the test runner's other work goes first
-    os.environ["RANK"] = str(rank)
-    main(out)
+def fingerprints(unet: torch.nn.Module, others: bool) -> dict[str, int]:
+    """What the ranks compare of a UNet, for the diffusers UNet this rank built and (``others``)
+    an LDM ``UNetModel`` and a ComfyUI model built here too."""
+    found = {"diffusers": portable_fingerprint(unet)}
+    if others:
+        from real_unets import ldm_unet
+        found["ldm"] = portable_fingerprint(ldm_unet())
+        if comfy_path() is not None:
+            found["comfyui"] = portable_fingerprint(tiny_patcher(load_comfy()).model
+                                                    .diffusion_model)
+    return found
 
 
 if __name__ == "__main__":
-    # The ranks are forked from this process after its imports (a tenth of a rank's work);
-    # nothing has started a thread yet, so forking is safe.
-    processes = [multiprocessing.get_context("fork").Process(target=_rank, args=(r, sys.argv[1]))
-                 for r in range(int(os.environ["WORLD_SIZE"]))]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join()
-    sys.exit(max(abs(p.exitcode) for p in processes))
+    os.nice(5)   # four ranks on a shared machine: the test runner's other work goes first
+    main(sys.argv[1])

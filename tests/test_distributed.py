@@ -1,7 +1,8 @@
 """Segment and CFG parallelism over torch.distributed (gloo, CPU): equal to one process.
 
-Four ranks are spawned once (tests/distributed_worker.py) for the equality and mismatch cases;
-the rules that need no second process run here, with a gloo group of one.
+Four ranks are started once as torchrun starts them (tests/distributed_worker.py: separate
+interpreters with their own hash seeds, each building its own models) for the equality and
+mismatch cases; the rules that need no second process run here, with a gloo group of one.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from diffusers.configuration_utils import FrozenDict
 
 import fxprop
+from comfy_env import comfy_path
 from conftest import decoder_attn_unet, loop_inputs, run_loop
+from fxprop.graph.fingerprint import portable_fingerprint
 from fxprop.runtime.distributed import Ranks, own_steps, shares
 
 TOLERANCE = 1e-4
@@ -92,19 +96,26 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    """Run the worker on 4 gloo ranks over loopback; their saved results."""
+    """Start 4 gloo ranks over loopback as torchrun does: separate interpreters, each with its
+    RANK in its environment and building its own models, here each with its own PYTHONHASHSEED
+    (torchrun leaves it to chance); their saved results."""
     out = tmp_path_factory.mktemp("ranks")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "WORLD_SIZE": "4", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    launcher = subprocess.Popen([sys.executable, str(WORKER), str(out)], env=env,
-                                cwd=WORKER.parent, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    processes = [subprocess.Popen([sys.executable, str(WORKER), str(out)],
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r),
+                                       "PYTHONHASHSEED": str(r + 1)},
+                                  cwd=WORKER.parent, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                 for r in range(4)]
     try:
-        log = launcher.communicate(timeout=300)[0]
+        logs = [p.communicate(timeout=300)[0] for p in processes]
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launcher.pid, signal.SIGKILL)   # the launcher and its forked ranks
-    assert launcher.returncode == 0, f"a rank failed:\n{log[-4000:]}"
+        for p in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    failed = [(r, log[-3000:]) for r, (p, log) in enumerate(zip(processes, logs)) if p.returncode]
+    assert not failed, f"ranks failed: {failed}"
     return [torch.load(out / f"rank{r}.pt") for r in range(4)]
 
 
@@ -158,6 +169,34 @@ def test_each_rank_computes_its_share_of_each_segment(ranks):
             batched = {key: n for key, n in ran.items() if "[x" in key}
             assert batched == {f"fxprop.step[x{steps}]": segments}, (r, name, ran)
             assert ran["fxprop.all_gather"] == segments, (r, name, ran)
+
+
+@pytest.mark.slow
+def test_ranks_started_apart_agree_on_equal_models(ranks):
+    """Issue 32: ranks with their own hash seeds refused to run (a config's set-ordered list).
+    Each rank built its models; their portable fingerprints agree model by model."""
+    assert len({saved["hash"] for saved in ranks}) == 4   # the seeds did differ
+    assert len({saved["fingerprints"]["diffusers"] for saved in ranks}) == 1
+    others = ["ldm", "comfyui"] if comfy_path() is not None else ["ldm"]
+    for model in others:
+        assert ranks[0]["fingerprints"][model] == ranks[1]["fingerprints"][model], model
+
+
+def test_the_portable_fingerprint_reads_sets_dicts_and_configs_in_one_order():
+    """What differs between equal models built in two processes does not count: a config's
+    private entries (``_use_default_values`` is a list made from a set, in hash-seed order;
+    ``_name_or_path``) and the insertion order of a dict; a real difference still counts."""
+    unet = decoder_attn_unet()
+    before = portable_fingerprint(unet)
+    config = dict(unet.config)
+    reordered = {**config, "_use_default_values": config["_use_default_values"][::-1],
+                 "_name_or_path": "/elsewhere"}
+    unet._internal_dict = FrozenDict(reordered)
+    assert portable_fingerprint(unet) == before
+    unet._internal_dict = FrozenDict(dict(reversed(list(config.items()))))
+    assert portable_fingerprint(unet) == before
+    unet._internal_dict = FrozenDict({**config, "norm_eps": 1e-3})
+    assert portable_fingerprint(unet) != before
 
 
 @pytest.mark.slow

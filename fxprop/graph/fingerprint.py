@@ -160,7 +160,7 @@ def _mutable(value: Any) -> bool:
         return not all(type(v) in _IMMUTABLE for v in value)
     # diffusers' configs (FrozenDict) refuse every change once made; register_to_config sets
     # a new one. The one class of a library named here: 17 of them cost a third of a read.
-    return not getattr(value, "_FrozenDict__frozen", False)
+    return not _frozen(value)
 
 
 def _module_digest(module: nn.Module, skip: Any = None) -> tuple:
@@ -201,8 +201,10 @@ def _digest(value: Any, depth: int) -> Any:
 
 def portable_fingerprint(module: nn.Module) -> int:
     """What :func:`fingerprint` reads, without object identities or device indices: equal in
-    two processes holding equal modules (the ranks of a process group compare it). A full walk
-    (tens of ms for SD-1.5): read once per distributed generation. A 48-bit integer."""
+    two processes holding equal modules (the ranks of a process group compare it), whatever
+    their string-hash seeds: sets and dicts are read in a sorted order, and diffusers configs
+    without their private entries. A full walk (tens of ms for SD-1.5): read once per
+    distributed generation. A 48-bit integer."""
     sha = hashlib.sha1()
     for digest in portable_digests(module).items():
         sha.update(repr(digest).encode())
@@ -243,13 +245,22 @@ def _portable(value: Any, depth: int) -> Any:
         return (type(value).__name__, tuple(sorted(items, key=repr) if isinstance(
             value, (set, frozenset)) else items))
     if isinstance(value, dict):
-        return ("dict", tuple((_portable(k, depth), _portable(v, depth))
-                              for k, v in value.items()))
+        items = ((_portable(k, depth), _portable(v, depth)) for k, v in value.items()
+                 if not (_frozen(value) and isinstance(k, str) and k.startswith("_")))
+        return ("dict", tuple(sorted(items, key=repr)))  # dicts are equal in any order
     attributes = getattr(value, "__dict__", None)
     if depth < _DEPTH and attributes is not None:
         return (_qualname(type(value)), tuple((k, _portable(v, depth + 1))
                                               for k, v in attributes.items()))
     return _qualname(type(value))
+
+
+def _frozen(value: Any) -> bool:
+    """Whether ``value`` is a diffusers config (a ``FrozenDict``, frozen once made). Its private
+    entries say how it was made and saved, not what the model is: ``_use_default_values`` is a
+    list made from a set, in an order that follows the process's string-hash seed, and
+    ``_name_or_path`` the folder it was loaded from."""
+    return bool(getattr(value, "_FrozenDict__frozen", False))
 
 
 def _qualname(cls: type) -> str:

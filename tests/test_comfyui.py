@@ -14,7 +14,9 @@ ComfyUI, and why (what its sampler tells the model).
 
 from __future__ import annotations
 
+import gc
 import types
+import weakref
 
 import pytest
 import torch
@@ -544,3 +546,28 @@ def test_the_one_line_install_loads_in_an_old_comfyui_and_refuses(model, tmp_pat
     assert patched is model
     torch.testing.assert_close(_ksampler(nodes, patched), plain, atol=0, rtol=0)
 
+
+
+# -- lifetimes ------------------------------------------------------------------------------------
+
+def _load_run_unload(patch) -> "weakref.ref":
+    """Load a model (a checkpoint), run it through ``patch``, unload it as switching checkpoints
+    does (ComfyUI drops its loaded models); a weak reference to its UNet."""
+    patcher = tiny_patcher(COMFY, seed=7)
+    sample(patch(patcher), steps=4)
+    unet = weakref.ref(patcher.model.diffusion_model)
+    COMFY.model_management.unload_all_models()
+    COMFY.model_management.cleanup_models()
+    return unet
+
+
+@accelerates
+def test_an_unloaded_model_is_freed_with_its_captures():
+    """Issue 32, row 1: three models loaded, accelerated and unloaded stayed alive (a weakly
+    keyed capture cache whose graphs refer to their key); now they go, as plain ones do."""
+    node = NODE_CLASS_MAPPINGS["FxpropDeepCache"]()
+    plain = [_load_run_unload(lambda p: p) for _ in range(3)]
+    accelerated_ = [_load_run_unload(lambda p: node.patch(p, 2, 1, 0.0, 1.0, branch=0)[0]) for _ in range(3)]
+    gc.collect()
+    assert [r() is None for r in plain] == [True] * 3        # what ComfyUI itself frees
+    assert [r() is None for r in accelerated_] == [True] * 3

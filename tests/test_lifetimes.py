@@ -16,6 +16,8 @@ from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
 import fxprop
 from conftest import controlnet_pipeline, decoder_attn_unet, sd_pipeline
+from fxprop.graph.cache import owned_cache
+from fxprop.graph.fingerprint import fingerprint, portable_fingerprint
 from fxprop.runtime.intercept import intercepted
 from test_workflows import accelerated_and_plain, run
 
@@ -127,3 +129,20 @@ def test_captures_hold_no_weights_the_unet_no_longer_has():
     gc.collect()
     assert all(ref() is None for ref in old)
 
+
+
+def test_a_cache_the_module_owns_is_not_what_the_module_is_and_is_not_copied():
+    """``owned_cache`` (ComfyUI's captures) lives in the module: the fingerprint leaves it out,
+    and copies and pickles of the module get an empty cache of their own."""
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    before = fingerprint(module), portable_fingerprint(module)
+    cache = owned_cache(module)
+    cache._entries["state", "key"] = "a captured graph"
+    assert owned_cache(module) is cache
+    assert (fingerprint(module), portable_fingerprint(module)) == before
+    for copied in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert len(owned_cache(copied)) == 0 and owned_cache(copied) is not cache
+    dropped = weakref.ref(module)
+    del module, cache
+    gc.collect()
+    assert dropped() is None

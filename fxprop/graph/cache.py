@@ -1,8 +1,9 @@
 """The captured graphs of one UNet, keyed by the state they were taken in and the call signature.
 
-One :class:`CaptureCache` belongs to each intercepted UNet (:mod:`fxprop.runtime.intercept`), so
-every runtime of that UNet shares it: two pipelines built from the same components, a pipeline
-accelerated again with another policy, a ``from_pipe`` copy per request. An entry is valid for
+One :class:`CaptureCache` belongs to each intercepted UNet (:mod:`fxprop.runtime.intercept`; in
+ComfyUI the UNet module owns it: :func:`owned_cache`), so every runtime of that UNet shares it:
+two pipelines built from the same components, a pipeline accelerated again with another policy,
+a ``from_pipe`` copy per request. An entry is valid for
 one :meth:`~CaptureCache.state` (the UNet's :func:`~fxprop.graph.fingerprint.fingerprint` and the
 grad and autocast modes, read at the call that captures it) and one
 :class:`~fxprop.graph.capture.CallKey`; what the runtimes derive from it (the parts of a cut,
@@ -32,12 +33,15 @@ from .capture import CallKey, Captured
 from .fingerprint import Fingerprinter, trace_modes
 from .purity import SideEffects
 
-__all__ = ["CaptureCache", "Entry", "CAPTURE_CACHE_SIZE"]
+__all__ = ["CaptureCache", "Entry", "CAPTURE_CACHE_SIZE", "owned_cache"]
 
 #: Captured graphs kept per UNet (distinct model states x call signatures, batched ones of
 #: parallel mode included). A generation uses one or two; a few more let a pipeline switch
 #: between states (PAG on and off, two LoRA sets) without capturing again.
 CAPTURE_CACHE_SIZE = 8
+#: The attribute under which a module owns its :class:`CaptureCache` (see :func:`owned_cache`;
+#: the fingerprint leaves out ``_fxprop*`` attributes: they say nothing of what a module is).
+OWNED = "_fxprop_captures"
 
 
 @dataclass
@@ -109,6 +113,23 @@ class CaptureCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def __deepcopy__(self, memo: dict) -> "CaptureCache":
+        return CaptureCache(self.size)  # captures are of one module object: a copy has none
+
+    def __reduce__(self) -> tuple:
+        return CaptureCache, (self.size,)
+
+
+def owned_cache(module: nn.Module) -> CaptureCache:
+    """The capture cache ``module`` owns, in its ``__dict__`` (made on first use): it lives and
+    dies with the module. A cache beside the module, weakly keyed by it, never dies: its
+    graphs and fingerprint memo refer to the module. Copies and pickles of the module get an
+    empty one."""
+    cache = module.__dict__.get(OWNED)
+    if cache is None:
+        cache = module.__dict__[OWNED] = CaptureCache()
+    return cache
 
 
 def _tensor_ids(module: nn.Module) -> set[int]:

@@ -58,8 +58,10 @@ def fingerprint(module: nn.Module) -> int:
 
 
 def _root_skip(key: str) -> bool:
+    """Whether a root attribute is left out: call wrappers, hooks, and what fxprop keeps on the
+    module (``_fxprop*``: its captures, which say nothing of what the module is)."""
     return key in _CALL_WRAPPERS or key.startswith(
-        ("_forward_hooks", "_forward_pre_hooks", "_backward"))
+        ("_forward_hooks", "_forward_pre_hooks", "_backward", "_fxprop"))
 
 
 def _root_digest(module: nn.Module) -> tuple:

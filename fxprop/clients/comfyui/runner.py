@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import weakref
 from typing import Any, Hashable
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ...graph.cache import CaptureCache
+from ...graph.cache import CaptureCache, owned_cache
 from ...graph.capture import Captured, FlatCall, capture
 from ...graph.regions import resolve_layout
 from ...graph.split import Parts, split
@@ -49,16 +48,10 @@ __all__ = ["ComfyRunner", "capture_cache", "lowvram_reason"]
 
 LOG = logging.getLogger("fxprop.comfyui")
 
-#: The captured graphs of each UNet module, shared by every runner (two fxprop nodes on one
-#: model capture once); dropped with the module.
-_CACHES: "weakref.WeakKeyDictionary[nn.Module, CaptureCache]" = weakref.WeakKeyDictionary()
-
-
 def capture_cache(unet: nn.Module) -> CaptureCache:
-    """The capture cache of ``unet`` (made on first use)."""
-    if unet not in _CACHES:
-        _CACHES[unet] = CaptureCache()
-    return _CACHES[unet]
+    """The capture cache of ``unet``, shared by every runner (two fxprop nodes on one model
+    capture once); the module owns it, so it goes when ComfyUI unloads the model."""
+    return owned_cache(unet)
 
 
 def lowvram_reason(unet: nn.Module) -> str | None:

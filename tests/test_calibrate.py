@@ -105,7 +105,7 @@ def test_unreachable_budgets_say_what_is_reachable():
 
 # -- Calibration as data ---------------------------------------------------------------------
 
-def _calibration(**changes) -> Calibration:
+def hand_made(**changes) -> Calibration:
     fields = dict(reuse="deep", branch=0, forecast=1, forecast_in="signal",
                   forecast_reach=math.inf, key_steps=(0, 2, 3), num_steps=5,
                   num_inference_steps=5, scheduler="DDIMScheduler", model="M:0",
@@ -117,7 +117,7 @@ def _calibration(**changes) -> Calibration:
 
 
 def test_calibration_saves_and_loads_as_json(tmp_path):
-    calibration = _calibration()
+    calibration = hand_made()
     calibration.save(tmp_path / "c.json")
     assert Calibration.load(tmp_path / "c.json") == calibration
     text = str(calibration)
@@ -126,7 +126,7 @@ def test_calibration_saves_and_loads_as_json(tmp_path):
 
 
 def test_calibration_of_another_version_or_no_calibration_is_refused(tmp_path):
-    data = _calibration().to_json()
+    data = hand_made().to_json()
     (tmp_path / "v.json").write_text(json.dumps({**data, "version": 99}))
     with pytest.raises(ValueError, match="format version 99 is not supported"):
         Calibration.load(tmp_path / "v.json")
@@ -138,14 +138,14 @@ def test_calibration_of_another_version_or_no_calibration_is_refused(tmp_path):
 def test_a_format_3_calibration_reads_as_one_for_any_grid(tmp_path):
     """Format 3 predates ``sigmas``; its files (the demo ships one) load with an empty grid,
     which ``check_grid`` does not compare, while a grid given is compared."""
-    data = {k: v for k, v in _calibration().to_json().items() if k != "sigmas"}
+    data = {k: v for k, v in hand_made().to_json().items() if k != "sigmas"}
     (tmp_path / "v3.json").write_text(json.dumps({**data, "version": 3}))
     loaded = Calibration.load(tmp_path / "v3.json")
-    assert loaded == _calibration() and loaded.sigmas == () and loaded.version == FORMAT_VERSION
+    assert loaded == hand_made() and loaded.sigmas == () and loaded.version == FORMAT_VERSION
     loaded.check_grid("DDIMScheduler", [1.0, 0.5, 0.0])
     with pytest.raises(ValueError, match="for DDIMScheduler, not EulerDiscreteScheduler"):
         loaded.check_grid("EulerDiscreteScheduler", [1.0, 0.0])
-    gridded = _calibration(sigmas=(2.0, 1.0, 0.0))
+    gridded = hand_made(sigmas=(2.0, 1.0, 0.0))
     gridded.check_grid("DDIMScheduler", [2.0, 1.00005, 0.0])
     with pytest.raises(ValueError, match="for 2 steps, not 3"):
         gridded.check_grid("DDIMScheduler", [3.0, 2.0, 1.0, 0.0])
@@ -154,11 +154,11 @@ def test_a_format_3_calibration_reads_as_one_for_any_grid(tmp_path):
 
 
 def test_accelerate_options_only_for_the_steps_and_scheduler_calibrated():
-    calibration = _calibration()
+    calibration = hand_made()
     options = calibration.accelerate_options(5, make_scheduler("ddim"))
     assert options == dict(reuse="deep", key_steps=[0, 2, 3], forecast=1, forecast_in="signal",
                            forecast_reach=math.inf, prior_noise=0, branch=0)
-    assert "branch" not in _calibration(reuse="encoder", branch=None).accelerate_options(
+    assert "branch" not in hand_made(reuse="encoder", branch=None).accelerate_options(
         5, "DDIMScheduler")
     with pytest.raises(ValueError, match="for 5 steps .*not 6"):
         calibration.accelerate_options(6, make_scheduler("ddim"))
@@ -313,7 +313,7 @@ def test_accelerate_applies_a_calibration_and_refuses_other_steps(digits, calibr
 
 
 def test_a_calibration_of_another_model_is_refused(digits):
-    other = _calibration(model="UNet2DConditionModel:0000000000000000", num_steps=STEPS)
+    other = hand_made(model="UNet2DConditionModel:0000000000000000", num_steps=STEPS)
     with pytest.raises(ValueError, match="calibration is for the model UNet2DConditionModel:0"):
         fxprop.accelerate(type(digits)(**digits.components), other)
 
@@ -439,3 +439,4 @@ def test_a_fitted_schedule_replaces_the_hand_set_one_only_if_better_on_every_cal
     cheaper = option((0, 3))
     assert verified_choice([([0.024, 0.01], fitted), ([0.02, 0.021], cheaper)], cheaper)[1] \
         == fitted
+

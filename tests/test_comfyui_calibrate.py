@@ -10,6 +10,8 @@ error against plain KSampler. One calibration (cheap settings) serves the file.
 from __future__ import annotations
 
 import inspect
+import json
+import math
 
 import pytest
 import torch
@@ -85,8 +87,12 @@ def test_calibration_names_its_sampler_grid_and_weights(model, calibration, save
     assert "sigmas:     [14.61" in str(calibration)
 
 
-def test_calibrated_node_gives_the_error_calibration_verified(model, calibration, saved):
+def test_calibrated_node_gives_the_error_calibration_verified(model, calibration, saved,
+                                                              monkeypatch):
     """The node's run on the held-out seed is as far from plain as calibration measured."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "output_directory", str(saved.parent))  # files live there
     node = NODE_CLASS_MAPPINGS["FxpropCalibrated"]()
     assert list(node.INPUT_TYPES()["required"]) == list(inspect.signature(node.patch).parameters)
     (patched,) = node.patch(model, str(saved))
@@ -146,9 +152,13 @@ def test_calibrate_refuses_what_it_cannot_measure(model, calibration):
         CalibratedRunner(Calibration(**{**calibration.__dict__, "sigmas": ()}))
 
 
-def test_calibrate_node_on_a_lora_model_saves_a_calibration_for_it(model, tmp_path):
+def test_calibrate_node_on_a_lora_model_saves_a_calibration_for_it(model, tmp_path,
+                                                                   monkeypatch):
     """The node measures the weights as ComfyUI loaded them (LoRA patched in), saves the
     calibration where it says, and returns the model following it."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))  # files live there
     lora = model.clone()
     weight = model.model.diffusion_model.out[2].weight
     lora.add_patches({"diffusion_model.out.2.weight": (torch.randn_like(weight) * 0.2,)}, 1.0)
@@ -177,3 +187,79 @@ def test_calibration_files_live_in_comfyuis_output_directory(tmp_path, monkeypat
     assert calibration_path(str(tmp_path / "b.json")) == tmp_path / "b.json"
     with pytest.raises(ValueError, match="calibration file name is needed"):
         calibration_path("  ")
+
+
+# -- calibration files stay in ComfyUI's output directory (issue 32, row 2) --------------------
+
+@pytest.fixture
+def output(tmp_path, monkeypatch):
+    """ComfyUI's output directory, in ``tmp_path`` beside a folder ``outside`` it, and a
+    symlink from it to that folder."""
+    import folder_paths
+
+    (tmp_path / "output").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "output" / "link").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (tmp_path / "output" / "file.json").symlink_to(tmp_path / "outside" / "file.json")
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    return tmp_path / "output"
+
+
+@pytest.mark.parametrize("name", ["../escaped/evil.json", "{outside}/evil.json",
+                                  "link/evil.json", "file.json", "{output}/../evil.json", "."])
+def test_calibration_files_outside_the_output_directory_are_refused(output, name):
+    """``..``, an absolute path elsewhere and a symlink out of it (to a folder or a file)
+    resolve outside it; the directory itself is no file in it."""
+    from fxprop.clients.comfyui.calibration_nodes import calibration_path
+
+    name = name.format(outside=output.parent / "outside", output=output)
+    with pytest.raises(ValueError, match="not a file inside ComfyUI's output directory"):
+        calibration_path(name)
+
+
+def test_calibration_files_inside_the_output_directory_are_accepted(output):
+    from fxprop.clients.comfyui.calibration_nodes import calibration_path
+
+    assert calibration_path("fxprop/nested/a.json") == output / "fxprop" / "nested" / "a.json"
+    assert calibration_path(str(output / "b.json")) == output / "b.json"
+    assert calibration_path(str(output / "x" / ".." / "c.json")) == output / "c.json"
+    assert calibration_path(" d.json ") == output / "d.json"
+
+
+def test_calibrate_node_refuses_a_path_outside_before_it_measures(output, model, monkeypatch):
+    """The node checks its filename first: nothing is measured, nothing written outside."""
+    from fxprop.clients.comfyui import calibration_nodes
+
+    def measure(*args, **kwargs):
+        pytest.fail("the Calibrate node measured before it checked its filename")
+    monkeypatch.setattr(calibration_nodes, "calibrate_comfy", measure)
+    node = NODE_CLASS_MAPPINGS["FxpropCalibrate"]()
+    for name in ("../escaped/evil.json", "link/evil.json"):
+        with pytest.raises(ValueError, match="not a file inside ComfyUI's output directory"):
+            node.calibrate(model, conditioning(1), conditioning(2),
+                           {"samples": torch.zeros(SHAPE)}, seed=0, runs=1, steps=4, cfg=CFG,
+                           sampler_name="euler", scheduler="normal", denoise=1.0,
+                           target_speedup=1.2, filename=name)
+    assert not (output.parent / "escaped").exists()
+    assert list((output.parent / "outside").iterdir()) == []
+
+
+def test_calibrated_node_refuses_a_calibration_outside(output, model, calibration):
+    calibration.save(output.parent / "outside" / "c.json")
+    node = NODE_CLASS_MAPPINGS["FxpropCalibrated"]()
+    for name in ("../outside/c.json", str(output.parent / "outside" / "c.json"), "link/c.json"):
+        with pytest.raises(ValueError, match="not a file inside ComfyUI's output directory"):
+            node.patch(model, name)
+    calibration.save(output / "c.json")
+    node.patch(model, "c.json")  # the same file inside loads
+
+
+def test_calibrated_node_refuses_a_calibration_edited_to_hold_nan(output, model, calibration):
+    """Issue 32, row 3: a saved calibration with a NaN sigma loaded, and then matched every
+    grid (a NaN compares false); the node refuses it naming the field."""
+    data = calibration.to_json()
+    data["sigmas"] = [*data["sigmas"][:2], math.nan, *data["sigmas"][3:]]
+    (output / "nan.json").write_text(json.dumps(data))
+    node = NODE_CLASS_MAPPINGS["FxpropCalibrated"]()
+    with pytest.raises(ValueError, match=r"sigmas\[2\] must be a finite number, got nan"):
+        node.patch(model, "nan.json")

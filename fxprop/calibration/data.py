@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -126,8 +127,8 @@ class Calibration:
         if len(sigmas) != len(self.sigmas):
             raise ValueError(f"this calibration is for {len(self.sigmas) - 1} steps, not "
                              f"{len(sigmas) - 1}: calibrate again for {len(sigmas) - 1} steps")
-        worst = max(abs(a - b) / max(abs(b), 1e-3) for a, b in zip(sigmas, self.sigmas))
-        if worst > SIGMA_TOLERANCE:
+        worst = _worst([abs(a - b) / max(abs(b), 1e-3) for a, b in zip(sigmas, self.sigmas)])
+        if not worst <= SIGMA_TOLERANCE:  # a NaN sigma is refused too
             raise ValueError(f"this calibration is for the sigmas {_short(self.sigmas)}, not "
                              f"{_short(sigmas)} (another scheduler, denoise or start step): "
                              "calibrate again for this grid")
@@ -147,9 +148,9 @@ class Calibration:
         if not self.weights:
             return
         ours = weights_digest(unet)
-        moved = (max(abs(a - b) for a, b in zip(ours, self.weights))
+        moved = (_worst([abs(a - b) for a, b in zip(ours, self.weights)])
                  if len(ours) == len(self.weights) else math.inf)
-        if moved > DIGEST_TOLERANCE:
+        if not moved <= DIGEST_TOLERANCE:  # a NaN in either digest is refused too
             raise ValueError(f"this calibration is for other weights of {self.model} (their "
                              f"digest differs by {moved:.3g}, more than {DIGEST_TOLERANCE}): "
                              "calibrate again on this model")
@@ -182,7 +183,8 @@ class Calibration:
 
     @classmethod
     def from_json(cls, data: dict) -> "Calibration":
-        """Rebuild from :meth:`to_json`; ``ValueError`` for another format version or fields."""
+        """Rebuild from :meth:`to_json`; ``ValueError`` for another format version, other
+        fields or a field that breaks its rule (a hand-edited NaN would pass every check)."""
         version = data.get("version")
         if version in MIGRATIONS:
             data = {**MIGRATIONS[version], **data, "version": FORMAT_VERSION}
@@ -194,6 +196,7 @@ class Calibration:
         if set(data) != names:
             raise ValueError(f"not a calibration: missing {sorted(names - set(data))}, "
                              f"unknown {sorted(set(data) - names)}")
+        _check_fields(data)
         data = dict(data)
         reach = data["forecast_reach"]
         data["forecast_reach"] = math.inf if reach is None else float(reach)
@@ -241,6 +244,11 @@ class Calibration:
         return "\n".join(lines)
 
 
+def _worst(gaps: list) -> float:
+    """The largest gap, NaN if any gap is (``max`` keeps or drops a NaN by its position)."""
+    return math.nan if any(math.isnan(g) for g in gaps) else max(gaps, default=0.0)
+
+
 def _short(values: Sequence[float]) -> str:
     """A grid for a message: its first and last entries."""
     shown = [f"{float(v):.4g}" for v in values]
@@ -252,3 +260,110 @@ def _class_name(scheduler: Any) -> str:
     if isinstance(scheduler, str):
         return scheduler
     return scheduler.__name__ if isinstance(scheduler, type) else type(scheduler).__name__
+
+
+# -- the rules of a calibration's JSON fields --------------------------------------------------
+
+def _check_fields(data: dict) -> None:
+    """Raise ``ValueError`` naming the field and its value unless every field of ``data`` (a
+    calibration's JSON) keeps its rule: a hand-edited file must not load as a calibration whose
+    checks then pass by accident (a NaN compares false with anything)."""
+    _check_cut(data["reuse"], data["branch"])
+    _check_forecast(data["forecast"], data["forecast_in"], data["forecast_reach"])
+    _check_steps(data["num_steps"], data["key_steps"], data["error_curve"])
+    _check_sigmas(data["sigmas"], data["num_steps"])
+    _check_numbers("weights", data["weights"])
+    for name in ("scheduler", "model"):
+        value = data[name]
+        _require(isinstance(value, str) and value.strip() != "", name, value,
+                 "a non-empty string")
+    calls = data["num_inference_steps"]
+    _require(calls is None or _count(calls, 1), "num_inference_steps", calls,
+             "None (a bare UNet) or an int >= 1")
+    _check_outcome(data)
+
+
+def _require(ok: bool, field: str, value: Any, rule: str) -> None:
+    """The one refusal: ``field`` must be ``rule``, and ``value`` is not."""
+    if not ok:
+        raise ValueError(f"not a valid calibration: {field} must be {rule}, got {value!r} "
+                         "(calibrate again rather than edit the file)")
+
+
+def _finite(value: Any) -> bool:
+    """A finite number (a bool is not one)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any, least: int) -> bool:
+    """An int (not a bool) >= ``least``."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= least
+
+
+def _check_numbers(field: str, values: Any, least: float = -math.inf) -> None:
+    """``values`` a list of finite numbers, each >= ``least``."""
+    _require(isinstance(values, (list, tuple)), field, values, "a list of finite numbers")
+    rule = "a finite number" + ("" if least == -math.inf else f" >= {least:g}")
+    for i, value in enumerate(values):
+        _require(_finite(value) and value >= least, f"{field}[{i}]", value, rule)
+
+
+def _check_cut(reuse: Any, branch: Any) -> None:
+    """The cut: the encoder (no branch) or a deep branch."""
+    _require(reuse in ("encoder", "deep"), "reuse", reuse, '"encoder" or "deep"')
+    if reuse == "encoder":
+        _require(branch is None, "branch", branch, 'None (null) for reuse "encoder"')
+    else:
+        _require(_count(branch, 0), "branch", branch, 'an int >= 0 for reuse "deep"')
+
+
+def _check_forecast(order: Any, position: Any, reach: Any) -> None:
+    """The frontier forecast: its order, what it extrapolates in, and how far."""
+    _require(_count(order, 0) and order <= 2, "forecast", order, "an int in 0..2 (its order)")
+    _require(position in ("step", "signal"), "forecast_in", position, '"step" or "signal"')
+    _require(reach is None or (_finite(reach) and reach > 0), "forecast_reach", reach,
+             "a finite number > 0 or None (unbounded)")
+
+
+def _check_steps(num_steps: Any, key_steps: Any, error_curve: Any) -> None:
+    """``num_steps`` UNet calls, key steps among them from 0 on, and one error per step."""
+    _require(_count(num_steps, 1), "num_steps", num_steps, "an int >= 1")
+    _require(isinstance(key_steps, (list, tuple)) and all(_count(k, 0) for k in key_steps),
+             "key_steps", key_steps, "a list of ints >= 0")
+    _require(list(key_steps[:1]) == [0], "key_steps", key_steps,
+             "a list starting at 0 (the first step is always computed)")
+    _require(all(a < b for a, b in zip(key_steps, key_steps[1:])), "key_steps", key_steps,
+             "strictly increasing")
+    _require(key_steps[-1] < num_steps, "key_steps", key_steps,
+             f"steps below num_steps = {num_steps}")
+    _check_numbers("error_curve", error_curve, least=0)
+    _require(len(error_curve) == num_steps, "len(error_curve)", len(error_curve),
+             f"num_steps = {num_steps} (an entry per step)")
+
+
+def _check_sigmas(sigmas: Any, num_steps: int) -> None:
+    """No grid, or a run's: a sigma per step and the end, never rising."""
+    _check_numbers("sigmas", sigmas)
+    _require(len(sigmas) in (0, num_steps + 1), "len(sigmas)", len(sigmas),
+             f"0 (any grid) or num_steps + 1 = {num_steps + 1} (the steps and the end)")
+    for i in range(1, len(sigmas)):
+        _require(sigmas[i] <= sigmas[i - 1], f"sigmas[{i}]", sigmas[i],
+                 f"<= sigmas[{i - 1}] = {sigmas[i - 1]!r} (a grid does not rise)")
+
+
+def _check_outcome(data: dict) -> None:
+    """What it predicts and was chosen against: finite numbers, errors >= 0."""
+    speedup, verified = data["predicted_speedup"], data["verified_error"]
+    _require(_finite(speedup) and speedup > 0, "predicted_speedup", speedup,
+             "a finite number > 0")
+    _require(_finite(data["predicted_error"]) and data["predicted_error"] >= 0,
+             "predicted_error", data["predicted_error"], "a finite number >= 0")
+    _require(verified is None or (_finite(verified) and verified >= 0), "verified_error",
+             verified, "None (not verified) or a finite number >= 0")
+    budget, rows = data["budget"], data["alternatives"]
+    _require(isinstance(budget, dict) and all(_finite(v) for v in budget.values()), "budget",
+             budget, "a dict of finite numbers")
+    _require(isinstance(rows, (list, tuple)) and all(
+        isinstance(r, (list, tuple)) and len(r) == 5 and _finite(r[3]) and _finite(r[4])
+        for r in rows), "alternatives", rows,
+        "a list of (reuse, branch, forecast, speedup, error), speedup and error finite")

@@ -4,9 +4,10 @@ one (``FxpropCalibrated``).
 Calibrating runs plain KSampler generations of the model (``runs`` seeds from ``seed``), a few
 replays of them, the candidate cuts on their recorded steps and the finalists on another seed:
 once, as ComfyUI caches the node's result until an input changes. The
-calibration is saved as JSON (a path relative to ComfyUI's output directory, or absolute) and
-holds for that model and weights, sampler and sigma grid (scheduler, steps, denoise) only: a
-run with another raises ``ValueError`` (see :mod:`fxprop.clients.comfyui.calibrated`).
+calibration is saved as JSON in ComfyUI's output directory (a path relative to it, or absolute
+within it: both nodes refuse one that resolves outside, as ComfyUI's save nodes do) and holds
+for that model and weights, sampler and sigma grid (scheduler, steps, denoise) only: a run with
+another raises ``ValueError`` (see :mod:`fxprop.clients.comfyui.calibrated`).
 """
 
 from __future__ import annotations
@@ -28,16 +29,20 @@ DEFAULT_FILE = "fxprop/calibration.json"
 
 
 def calibration_path(name: str) -> Path:
-    """Where calibration file ``name`` is: as given if absolute, else in ComfyUI's output
-    directory."""
+    """Where calibration file ``name`` is: relative to ComfyUI's output directory, or absolute
+    within it. ``ValueError`` if it resolves (``..`` and symlinks followed) outside it: a
+    workflow must not write or read files elsewhere, as ComfyUI's own save nodes refuse."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a calibration file name is needed, got {name!r}")
-    path = Path(name.strip()).expanduser()
-    if path.is_absolute():
-        return path
     import folder_paths  # ComfyUI's
 
-    return Path(folder_paths.get_output_directory()) / path
+    root = Path(folder_paths.get_output_directory()).resolve()
+    path = (root / Path(name.strip()).expanduser()).resolve()
+    if root not in path.parents:
+        raise ValueError(f"calibration file {name!r} is {path}, not a file inside ComfyUI's "
+                         f"output directory {root}: give a path relative to it, or absolute "
+                         "within it (no '..' or symlink out of it)")
+    return path
 
 
 class FxpropCalibrate:
@@ -69,15 +74,16 @@ class FxpropCalibrate:
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
             "target_speedup": ("FLOAT", {"default": 2.0, "min": 1.05, "max": 10.0, "step": 0.05,
                                          "tooltip": "FLOP-ideal speedup over plain sampling"}),
-            "filename": ("STRING", {"default": DEFAULT_FILE,
-                                    "tooltip": "where to save it (in the output directory)"}),
+            "filename": ("STRING", {"default": DEFAULT_FILE, "tooltip": (
+                "where to save it: a path in ComfyUI's output directory (relative to it, or "
+                "absolute within it)")}),
         }}
 
     def calibrate(self, model: Any, positive: Any, negative: Any, latent_image: dict,
                   seed: int, runs: int, steps: int, cfg: float, sampler_name: str,
                   scheduler: str, denoise: float, target_speedup: float,
                   filename: str) -> tuple:
-        path = calibration_path(filename)
+        path = calibration_path(filename)  # refused before the long measurement
         sampling = ComfySampling(positive, negative, latent_image, steps, cfg, sampler_name,
                                  scheduler, denoise)
         seeds = [(seed + i) % 2 ** 64 for i in range(runs)]
@@ -101,7 +107,8 @@ class FxpropCalibrated:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {"model": ("MODEL",), "calibration": ("STRING", {
             "default": DEFAULT_FILE,
-            "tooltip": "a calibration JSON file (in the output directory, or an absolute path)"})}}
+            "tooltip": ("a calibration JSON file in ComfyUI's output directory (relative to it, "
+                        "or absolute within it)")})}}
 
     def patch(self, model: Any, calibration: str) -> tuple:
         loaded = Calibration.load(calibration_path(calibration))

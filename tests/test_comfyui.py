@@ -133,6 +133,28 @@ def test_the_nodes_patch_a_clone_with_their_defaults(model):
 
 
 @accelerates
+def test_samplers_with_steps_of_their_own_run_whole_with_one_warning(model):
+    """Issue 32, row 4: dpm_fast and dpm_adaptive call the model at sigmas of their own choice
+    between the grid's points, so grid key steps mean nothing to them. On every scheduler's grid
+    they run the whole UNet (ComfyUI's output) after one warning; on 6 of 8 they used to run
+    silently on reused features."""
+    every_grid = ["normal", "karras", "exponential", *SCHEDULERS]
+    sparse, _, record = accelerated(model, "deep", interval=3)
+    # dpm_adaptive makes many calls a run: two grids (its steps do not depend on the grid's
+    # inner points, only on its ends)
+    for sampler, schedulers in (("dpm_fast", every_grid), ("dpm_adaptive", every_grid[:2])):
+        for scheduler in schedulers:
+            record.clear()
+            with pytest.warns(UserWarning) as caught:
+                out = sample(sparse, sampler, scheduler)
+            ours = [str(w.message) for w in caught if str(w.message).startswith("fxprop")]
+            assert len(ours) == 1 and "grid" in ours[0], (sampler, scheduler, ours)
+            assert all(is_key for _, is_key in record), (sampler, scheduler, record)
+            torch.testing.assert_close(out, sample(model, sampler, scheduler), atol=1e-5,
+                                       rtol=0)
+
+
+@accelerates
 def test_key_steps_as_a_list_or_a_preset(model):
     """The nodes' optional key_steps: a list of steps, or a preset, instead of interval."""
     node = NODE_CLASS_MAPPINGS["FxpropDeepCache"]()

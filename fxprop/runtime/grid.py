@@ -5,8 +5,10 @@ the model more than once per grid step: Heun and DPM2 at the next sigma, DPM++ 2
 at a midpoint. So a call is mapped to its grid step by the timestep the UNet receives, not by
 a call counter: a call whose timestep equals grid point ``i``'s (within the call dtype's
 rounding) or lies strictly between grid points ``i`` and ``i + 1`` belongs to step ``i``. Calls
-must come in non-increasing timestep order, from step 0 on, without skipping a grid step; any
-other call (back up, off the grid, a skipped step) makes the generation off-plan.
+must come in non-increasing timestep order, from step 0 on, without skipping a grid step, and
+the first call of each step must be at its grid point (a sampler that steps on the grid makes
+it there); any other call (back up, off the grid, a skipped step, a step entered between grid
+points, as samplers with steps of their own do) makes the generation off-plan.
 
 Where the loop knows each call's sigma (ComfyUI passes it in ``transformer_options["sigmas"]``)
 calls are matched by sigma instead, by the same rules (``PlanFollower.set_grid(..., by=
@@ -131,6 +133,11 @@ class GridGeneration(Generation):
         if step > self.at + 1:
             return (f"UNet call at {unit} {value:g} is at grid step {step}, but step "
                     f"{self.at + 1} never ran (calls must visit every grid step from 0)")
+        if step > self.at and abs(value - grid[step]) > tol:
+            return (f"UNet call at {unit} {value:g} starts grid step {step} away from its "
+                    f"grid point {grid[step]:g}: the sampler does not step on the planned "
+                    "grid (dpm_fast and dpm_adaptive choose their own steps), and key steps "
+                    "are grid steps")
         self.last, self.at, self.step = value, step, step
         return None
 

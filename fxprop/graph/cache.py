@@ -3,14 +3,15 @@
 One :class:`CaptureCache` belongs to each intercepted UNet (:mod:`fxprop.runtime.intercept`; in
 ComfyUI the UNet module owns it: :func:`owned_cache`), so every runtime of that UNet shares it:
 two pipelines built from the same components, a pipeline accelerated again with another policy,
-a ``from_pipe`` copy per request. An entry is valid for
-one :meth:`~CaptureCache.state` (the UNet's :func:`~fxprop.graph.fingerprint.fingerprint` and the
-grad and autocast modes, read at the call that captures it) and one
-:class:`~fxprop.graph.capture.CallKey`; what the runtimes derive from it (the parts of a cut,
-compiled or not) is kept with it. The
-cache is a bounded LRU: a UNet that changes often (LoRA load/unload, PAG's processor swap) keeps
-its last :data:`CAPTURE_CACHE_SIZE` captures, and the graphs of states it left are dropped with
-the tensors they hold. A graph holds the UNet's parameters it read (shared, not copied); when a
+a ``from_pipe`` copy per request. An entry is valid for one :meth:`~CaptureCache.state` (the
+UNet's :func:`~fxprop.graph.fingerprint.fingerprint` and the grad and autocast modes, read at
+the call that captures it) and one :class:`~fxprop.graph.capture.CallKey`; what the runtimes
+derive from it (the parts of a cut, compiled or not) is kept with it, and so is a capture that
+failed (it would fail again: it is not traced again). The cache is an LRU that never evicts
+what the current run uses: a UNet that changes often (LoRA load/unload, PAG's processor swap)
+keeps its last :data:`CAPTURE_CACHE_SIZE` captures, a run with more call signatures than that
+keeps all of its own (up to :data:`RUN_LIMIT`), so a warm run captures nothing, and the graphs
+of states it left are dropped with the tensors they hold. A graph holds the UNet's parameters it read (shared, not copied); when a
 new graph is captured, the graphs holding tensors that are no longer the UNet's (replaced by
 ``load_state_dict(assign=True)``, unloaded LoRA layers) are dropped, so a checkpoint swap does
 not keep the old weights alive.
@@ -31,14 +32,21 @@ from torch import nn
 from .calls import waiting_for
 from .capture import CallKey, Captured
 from .fingerprint import Fingerprinter, trace_modes
-from .purity import SideEffects
 
-__all__ = ["CaptureCache", "Entry", "CAPTURE_CACHE_SIZE", "owned_cache"]
+__all__ = ["CaptureCache", "Entry", "CAPTURE_CACHE_SIZE", "RUN_LIMIT", "TooManySignatures",
+           "owned_cache"]
+
+
+class TooManySignatures(ValueError):
+    """A run needs more captured graphs than one run may hold (:data:`RUN_LIMIT`)."""
 
 #: Captured graphs kept per UNet (distinct model states x call signatures, batched ones of
 #: parallel mode included). A generation uses one or two; a few more let a pipeline switch
 #: between states (PAG on and off, two LoRA sets) without capturing again.
 CAPTURE_CACHE_SIZE = 8
+#: The most signatures one run may capture: a run with more refuses (runs plain) rather than
+#: holding graphs without bound (ComfyUI's area conditionings give a call shape each).
+RUN_LIMIT = 64
 #: The attribute under which a module owns its :class:`CaptureCache` (see :func:`owned_cache`;
 #: the fingerprint leaves out ``_fxprop*`` attributes: they say nothing of what a module is).
 OWNED = "_fxprop_captures"
@@ -51,7 +59,8 @@ class Entry:
     captured: Captured | None
     derived: dict[Hashable, Any] = field(default_factory=dict)
     held: frozenset[int] = frozenset()  # ids of the UNet's tensors it holds (alive with it)
-    refused: SideEffects | None = None  # the state cannot be captured (not traced again)
+    refused: Exception | None = None  # why it cannot be captured (not traced again)
+    run: int = 0                        # the last run (see CaptureCache.begin_run) that used it
 
     def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
         if key not in self.derived:
@@ -64,13 +73,24 @@ class CaptureCache:
     capture runs under a lock: torch.export is not reentrant, and two threads that miss at once
     would capture the same graph twice)."""
 
-    def __init__(self, size: int = CAPTURE_CACHE_SIZE) -> None:
-        if size < 1:
-            raise ValueError(f"a capture cache holds at least 1 graph, got size={size}")
-        self.size = size
+    def __init__(self, size: int = CAPTURE_CACHE_SIZE, limit: int = RUN_LIMIT) -> None:
+        if size < 1 or limit < size:
+            raise ValueError(f"a capture cache holds at least 1 graph and its run limit at "
+                             f"least as many, got size={size}, limit={limit}")
+        self.size, self.limit = size, limit
         self._entries: OrderedDict[tuple[Hashable, CallKey], Entry] = OrderedDict()
         self._lock = threading.RLock()
         self._fingerprint = Fingerprinter()
+        self._run = 0    # the current run
+        self._used = 0   # entries the current run used
+        self._most = 0   # the most entries one run used: the cache keeps at least as many
+
+    def begin_run(self) -> None:
+        """A new generation or sampler run starts: the entries it uses are kept while it runs,
+        however many signatures it has (up to ``limit``), so its calls never evict each other's
+        graphs; the entries of earlier runs are evicted least recently used first."""
+        with self._lock:
+            self._run, self._used = self._run + 1, 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -88,23 +108,44 @@ class CaptureCache:
         (then entries holding tensors ``owner`` no longer has are dropped)."""
         with waiting_for(self._lock):  # the holder may be capturing: see fxprop.graph.calls
             found = self._entries.get((state, key))
-            if found is not None and found.refused is not None:
-                raise found.refused
             if found is None:
-                try:
-                    captured = capture()
-                except SideEffects as err:
-                    self._entries[state, key] = Entry(None, refused=err)
-                    raise
-                owned = set() if owner is None else _tensor_ids(owner)
-                found = self._entries[state, key] = Entry(captured,
-                                                          held=_held(captured, owned))
-                if owner is not None:
-                    self._drop_stale(owned)
-                while len(self._entries) > self.size:
-                    self._entries.popitem(last=False)
+                found = self._entries[state, key] = self._capture(capture, owner)
+            if found.run != self._run:
+                found.run, self._used = self._run, self._used + 1
+                self._most = max(self._most, self._used)
             self._entries.move_to_end((state, key))
+            self._evict()
+            if found.refused is not None:
+                raise found.refused.with_traceback(None)
             return found
+
+    def _capture(self, capture: Callable[[], Captured], owner: nn.Module | None) -> Entry:
+        """A new entry; a capture that fails for a reason that stays (the same state and
+        signature fail again) is remembered as refused, and never traced again."""
+        if self._used >= self.limit:
+            raise TooManySignatures(f"this run calls the UNet with more than {self.limit} "
+                                    "input signatures (shapes, options): fxprop keeps no more "
+                                    "captured graphs for one run")
+        try:
+            captured = capture()
+        except (MemoryError, torch.OutOfMemoryError):
+            raise  # may pass: try again next time
+        except Exception as err:
+            return Entry(None, refused=err)
+        owned = set() if owner is None else _tensor_ids(owner)
+        if owner is not None:
+            self._drop_stale(owned)
+        return Entry(captured, held=_held(captured, owned))
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries beyond ``size`` (or beyond what one run used,
+        if more: the next run of the same workflow finds all of its graphs), none that this
+        run used."""
+        while len(self._entries) > max(self.size, self._most):
+            old = next((k for k, e in self._entries.items() if e.run != self._run), None)
+            if old is None:
+                return
+            del self._entries[old]
 
     def _drop_stale(self, owned: set[int]) -> None:
         for stale in [k for k, e in self._entries.items() if not e.held <= owned]:

@@ -10,9 +10,14 @@ dtype, device or any plain value gets its own graph instead of a stale one.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
+import re
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -24,7 +29,9 @@ from .stacks import canonical_stacks
 from .twin import rebind, twin
 
 __all__ = ["CallKey", "FlatCall", "Captured", "flatten_call", "capture", "normalise_timestep",
-           "path_name", "TENSOR"]
+           "path_name", "TENSOR", "why_not_captured"]
+
+LOG = logging.getLogger("fxprop")
 
 #: Stands for a tensor leaf in a call's template (``None`` is a real leaf value).
 TENSOR = object()
@@ -188,7 +195,8 @@ def capture(unet: nn.Module, call: FlatCall, forward: Callable | None = None,
 
 def _export(flat: nn.Module, call: FlatCall, model: str) -> torch.export.ExportedProgram:
     try:
-        return torch.export.export(flat, tuple(call.tensors), strict=False)
+        with _without_partial_graph():
+            return torch.export.export(flat, tuple(call.tensors), strict=False)
     except Exception as err:  # export raises many types: keep the type, name the model
         context = f"fxprop could not capture {model} with torch.export"
         again = _same_type(err, f"{context}: {err}")
@@ -196,6 +204,39 @@ def _export(flat: nn.Module, call: FlatCall, model: str) -> torch.export.Exporte
             err.add_note(context)
             raise
         raise again from err
+
+
+@contextlib.contextmanager
+def _without_partial_graph() -> Iterator[None]:
+    """Keep the partial graph that torch.export prints to stderr when a trace fails (tens of
+    KB for a UNet, at every attempt) out of the user's log; anything else written meanwhile is
+    passed on, and the graph goes to the debug log."""
+    buffer = io.StringIO()
+    dump = None
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except Exception as err:
+        dump = getattr(err, "partial_fx_graph", None)
+        raise
+    finally:
+        text = buffer.getvalue()
+        if dump is not None and str(dump) in text:  # printed by each of export's layers
+            text = text.replace(str(dump) + "\n", "").replace(str(dump), "")
+            LOG.debug("torch.export's partial graph:\n%s", dump)
+        sys.stderr.write(text)
+
+
+def why_not_captured(err: BaseException) -> str:
+    """A failed capture in one line a user can act on: the error's first line or, where the
+    UNet's Python read the value of a call input (a data-dependent guard), the code that did."""
+    text = str(err).strip()
+    if "data-dependent" in text:
+        where = re.search(r"Caused by: \(([^)]*)\)", text)
+        return ("its Python reads the value of a call input" + (
+            f" ({where.group(1)})" if where else "") + ", so one graph cannot serve every step")
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first[:300]}"
 
 
 def _same_type(err: Exception, message: str) -> Exception | None:

@@ -211,6 +211,11 @@ class AcceleratedUNet(PlanFollower):
             return outputs
         return gather(self.ranks, outputs, range(step, step + 1), _batch(call))
 
+    def _start(self, generation: Generation | None) -> None:
+        super()._start(generation)
+        if generation is not None:
+            self._intercept.captures.begin_run()  # its graphs are kept while it runs
+
     def _new_generation(self, plan: Plan, source: Any, begin: int) -> Generation:
         if self.policy.batches:
             return BatchedGeneration(plan, source, begin)

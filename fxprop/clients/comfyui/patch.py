@@ -24,6 +24,8 @@ import logging
 import warnings
 from typing import Any
 
+import torch
+
 from .runner import ComfyRunner
 
 __all__ = ["KEY", "patch_model", "refusal"]
@@ -61,6 +63,7 @@ def patch_model(model: Any, runner: ComfyRunner) -> Any:
     def outer_sample(executor: Any, *args: Any, **kwargs: Any) -> Any:
         return runner.outer_sample(executor, *args, **kwargs)
 
+    @torch.compiler.disable  # TorchCompileModel's dynamo must not trace fxprop's runtime
     def diffusion_model(executor: Any, *args: Any, **kwargs: Any) -> Any:
         return runner.diffusion_model(executor, *args, **kwargs)
 

@@ -33,12 +33,12 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ...graph.cache import CaptureCache, owned_cache
-from ...graph.capture import Captured, FlatCall, capture
+from ...graph.capture import Captured, FlatCall, capture, why_not_captured
 from ...graph.regions import resolve_layout
 from ...graph.split import Parts, split
 from ...plan.plans import Plan
 from ...plan.policies import Policy
-from ...runtime.compile import compile_options, compile_parts
+from ...runtime.compile import CompileOptions, compile_options, compile_parts
 from ...runtime.follow import FollowState, PlanFollower, Scope, active_scope, scoped
 from ...runtime.generation import Generation
 from ...runtime.intercept import NOT_PLANNED, check_hooks
@@ -71,6 +71,7 @@ class RunState(FollowState):
     """What one sampler run follows, and its unit noise (for prior noise injection)."""
 
     noise: torch.Tensor | None = None
+    compile: CompileOptions | None = None   # the parts' compile options for this run
 
 
 class ComfyRunner(PlanFollower):
@@ -95,16 +96,18 @@ class ComfyRunner(PlanFollower):
         self.policy = policy
         self.percents = (start_percent, end_percent)
         self.compile_options = compile_options(compile)
+        self._told: set[str] = set()   # reasons logged already: one log line each
 
     # -- one sampler run (OUTER_SAMPLE) ---------------------------------------------------------
 
     def outer_sample(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         """``OUTER_SAMPLE`` wrapper: plan over the run's sigmas, run, forget."""
         noise, sigmas = args[0], args[3] if len(args) > 3 else kwargs["sigmas"]
-        state = RunState(noise=noise)
+        patcher = executor.class_obj.model_patcher
+        state = RunState(noise=noise, compile=self.compile_options or model_compile(patcher))
         with scoped(Scope(self, state)):
             try:
-                self.start(sigmas, executor.class_obj.model_patcher)
+                self.start(sigmas, patcher)
                 return executor(*args, **kwargs)
             finally:
                 if state.generation is not None:
@@ -174,12 +177,12 @@ class ComfyRunner(PlanFollower):
             if reason is not None:
                 return self._refuse(reason)
             self.check_model(unet)
+            capture_cache(unet).begin_run()   # the graphs this run uses are kept while it runs
             gen.model_state = capture_cache(unet).state(unet, call.flat.tensors[0])
         try:
             captured, parts = self.parts_for(unet, forward, call.flat, gen.model_state)
         except Exception as err:  # any capture or cut failure: run ComfyUI's own forward
-            return self._refuse(f"cannot capture and cut {type(unet).__name__}: "
-                                f"{type(err).__name__}: {err}")
+            return self._refuse(_cannot_capture(unet, err))
         self._inject(gen, call)
         out = self.run_planned(gen, call, parts)
         if out is None:
@@ -212,14 +215,14 @@ class ComfyRunner(PlanFollower):
             return capture(unet, call, forward)
 
         entry = capture_cache(unet).entry(state, call.key, make_capture, owner=unet)
-        key = ("parts", self.policy.cut_id, repr(self.compile_options))
-        return entry.captured, entry.get(key, lambda: self._split(unet, entry.captured))
+        options = getattr(self.follow_state(), "compile", None)
+        key = ("parts", self.policy.cut_id, repr(options))
+        return entry.captured, entry.get(key, lambda: self._split(unet, entry.captured, options))
 
-    def _split(self, unet: nn.Module, captured: Captured) -> Parts:
+    def _split(self, unet: nn.Module, captured: Captured, options: Any) -> Parts:
         self.policy.validate(unet)
         layout = resolve_layout(unet, self.policy.regions)
-        return compile_parts(split(captured, self.policy.cut(captured, layout)),
-                             self.compile_options)
+        return compile_parts(split(captured, self.policy.cut(captured, layout)), options)
 
     # -- refusals -------------------------------------------------------------------------------
 
@@ -232,7 +235,28 @@ class ComfyRunner(PlanFollower):
         return NOT_PLANNED
 
     def _warn(self, reason: str) -> None:
-        """Warn once per run, in ComfyUI's log as well."""
-        if not self.follow_state().warned:
+        """Warn once per run; log each reason once (a workflow run again says nothing new)."""
+        if not self.follow_state().warned and reason not in self._told:
+            self._told.add(reason)
             LOG.warning("fxprop: %s; running the whole UNet for the rest of this run", reason)
         super()._warn(reason)
+
+
+def _cannot_capture(unet: nn.Module, err: Exception) -> str:
+    """Why ``unet`` runs plain, in one line; a patch that reads the step's sigma is named."""
+    why = why_not_captured(err)
+    hint = ("; a node that patches the model does this (Deep Shrink's PatchModelAddDownscale "
+            "compares the step's sigma): without it fxprop accelerates"
+            if "reads the value" in why else "")
+    return f"cannot capture and cut {type(unet).__name__} as patched: {why}{hint}"
+
+
+def model_compile(patcher: Any) -> CompileOptions | None:
+    """The compile options a model asks for (ComfyUI's TorchCompileModel stores them in its
+    ``model_options``), so that fxprop's parts compile as the UNet would have."""
+    asked = getattr(patcher, "model_options", {}).get("torch_compile_kwargs")
+    if not asked:
+        return None
+    return compile_options({"backend": asked.get("backend") or "inductor",
+                            "mode": asked.get("mode"), "options": asked.get("options"),
+                            "dynamic": asked.get("dynamic") or False})

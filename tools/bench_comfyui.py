@@ -251,7 +251,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calibrate", type=float, nargs="*", default=[2.5, 3.0],
                    help="FLOP-ideal targets of calibrated rows (none: no calibration)")
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
+    p.add_argument("--cliffs", action="store_true", help="time the workflows that made fxprop "
+                   "slower than plain instead (tools/comfy_cliffs.py; its options follow)")
+    args, rest = p.parse_known_args(argv)
+    if args.cliffs:
+        import comfy_cliffs
+        return comfy_cliffs.main(rest)
+    if rest:
+        p.error(f"unrecognized arguments: {rest}")
     torch.set_num_threads(args.threads)
     table(args)
 

@@ -144,10 +144,14 @@ def init_weights(model: nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
 
 
-def tiny_patcher(comfy: types.SimpleNamespace, seed: int = 0):
-    """A ``ModelPatcher`` of a tiny random-weight SD1.5 model on CPU."""
+def tiny_patcher(comfy: types.SimpleNamespace, seed: int = 0, stored: torch.dtype | None = None):
+    """A ``ModelPatcher`` of a tiny random-weight SD1.5 model on CPU; ``stored``: its weights'
+    dtype, cast to float32 at every call (ComfyUI's manual casting, as for fp8 checkpoints)."""
     torch.manual_seed(seed)
-    model = comfy.supported_models.SD15(dict(UNET_CONFIG)).get_model({})
+    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    if stored is not None:
+        config.set_inference_dtype(stored, torch.float32)
+    model = config.get_model({})
     init_weights(model.diffusion_model, seed)
     model.eval()
     cpu = torch.device("cpu")

@@ -425,14 +425,47 @@ def test_a_second_fxprop_node_replaces_the_first(model):
 # -- refused -------------------------------------------------------------------------------------
 
 @accelerates
-def test_lowvram_casting_is_refused_and_runs_plain(model, monkeypatch, caplog):
-    monkeypatch.setattr(model.model.diffusion_model.out[2], "comfy_cast_weights", True)
-    plain = sample(model)
-    sparse, _, record = accelerated(model, "deep", interval=3)
-    with pytest.warns(UserWarning, match="casts or patches its weights"):
+def test_weight_patches_applied_at_every_call_are_refused_and_run_plain(model, caplog):
+    """A weight wrapper (``add_weight_wrapper``; lowvram applies LoRA this way) patches weights
+    at every call: refused, ComfyUI's own output."""
+    patched = model.clone()
+    patched.add_weight_wrapper("diffusion_model.out.2.weight", lambda w: w * 1.5)
+    plain = sample(patched)
+    assert_differs(plain, sample(model))
+    sparse, _, record = accelerated(patched, "deep", interval=3)
+    with pytest.warns(UserWarning, match="patches its weights at every call"):
         out = sample(sparse)
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
-    assert not record and "lowvram" in caplog.text
+    assert not record and "--normalvram" in caplog.text
+
+
+def test_a_partially_loaded_model_is_refused():
+    """lowvram partial loading moves weights between devices at every call. ComfyUI loads
+    fully on a CPU, so the rule is checked on the state ComfyUI's BaseModel keeps."""
+    unet = torch.nn.Linear(2, 2)
+    assert runner_module.lowvram_reason(unet, types.SimpleNamespace(model_lowvram=False)) is None
+    reason = runner_module.lowvram_reason(unet, types.SimpleNamespace(model_lowvram=True))
+    assert "partially loaded" in reason
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float8_e4m3fn])
+@accelerates
+def test_weights_stored_in_another_dtype_and_cast_at_every_call_accelerate(stored):
+    """Issue 31, item 4: a model whose layers cast their stored weights (bf16, fp8) to the
+    compute dtype at every call (ComfyUI's manual casting) was refused; the cast is captured in
+    the graph, which reads the stored weights live: every key step equals plain KSampler in
+    the same setting, sparse key steps follow the grid."""
+    cast = tiny_patcher(COMFY, stored=stored)
+    unet = cast.model.diffusion_model
+    assert next(unet.parameters()).dtype == stored
+    assert any(getattr(m, "comfy_cast_weights", False) for m in unet.modules())
+    plain = sample(cast)
+    every, _, record = accelerated(cast, "deep")
+    torch.testing.assert_close(sample(every), plain, atol=1e-5, rtol=0)
+    assert record and all(is_key for _, is_key in record)
+    sparse, _, record = accelerated(cast, "deep", interval=3, forecast=1)
+    assert_differs(sample(sparse), plain)   # a fallback would raise
+    assert_sparse_follows(record, STEPS, {0, 3, 6})
 
 
 @accelerates

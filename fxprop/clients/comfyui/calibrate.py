@@ -106,7 +106,7 @@ def comfy_source(model: Any, sampling: ComfySampling) -> Source:
     def on_step(*_: Any) -> None:
         """ComfyUI's step callback: the model is loaded (and LoRA patched in) by now."""
         if not digest:
-            reason = lowvram_reason(unet)
+            reason = lowvram_reason(unet, model.model)
             if reason is not None:
                 raise ValueError(f"cannot calibrate: {reason}")
             digest.append(weights_digest(unet))

@@ -54,15 +54,22 @@ def capture_cache(unet: nn.Module) -> CaptureCache:
     return owned_cache(unet)
 
 
-def lowvram_reason(unet: nn.Module) -> str | None:
-    """Why ``unet`` cannot run as a captured graph now (lowvram partial loading), or None."""
+def lowvram_reason(unet: nn.Module, model: Any = None) -> str | None:
+    """Why ``unet`` cannot run as a captured graph now, or None: ComfyUI's lowvram partial
+    loading (``model``, the BaseModel, says ``model_lowvram``: weights move between devices at
+    every call) or weight patches applied at every call (``weight_function``, as lowvram applies
+    LoRA). Weights cast from their stored dtype at every call (fp8, fp16 or bf16 checkpoints
+    computed in another dtype: ComfyUI's manual casting) are captured: the cast is in the graph,
+    which reads the stored weights live."""
+    if getattr(model, "model_lowvram", False):
+        return ("the model is partially loaded (ComfyUI's lowvram mode moves its weights between "
+                "devices at every call; a captured graph would not): free memory or use "
+                "--normalvram/--highvram")
     for path, module in unet.named_modules():
-        casts = getattr(module, "comfy_cast_weights", False)
-        if casts or getattr(module, "weight_function", None) \
-                or getattr(module, "bias_function", None):
-            return (f"{path or type(unet).__name__} casts or patches its weights at every call "
-                    "(ComfyUI's lowvram partial loading or weight casting); a captured graph "
-                    "would not: free memory or use --normalvram/--highvram")
+        if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+            return (f"{path or type(unet).__name__} patches its weights at every call "
+                    "(ComfyUI's lowvram LoRA patches); a captured graph would not: free memory "
+                    "or use --normalvram/--highvram")
     return None
 
 
@@ -72,6 +79,7 @@ class RunState(FollowState):
 
     noise: torch.Tensor | None = None
     compile: CompileOptions | None = None   # the parts' compile options for this run
+    model: Any = None                       # ComfyUI's BaseModel of this run (lowvram state)
 
 
 class ComfyRunner(PlanFollower):
@@ -104,7 +112,8 @@ class ComfyRunner(PlanFollower):
         """``OUTER_SAMPLE`` wrapper: plan over the run's sigmas, run, forget."""
         noise, sigmas = args[0], args[3] if len(args) > 3 else kwargs["sigmas"]
         patcher = executor.class_obj.model_patcher
-        state = RunState(noise=noise, compile=self.compile_options or model_compile(patcher))
+        state = RunState(noise=noise, compile=self.compile_options or model_compile(patcher),
+                         model=getattr(patcher, "model", None))
         with scoped(Scope(self, state)):
             try:
                 self.start(sigmas, patcher)
@@ -173,7 +182,7 @@ class ComfyRunner(PlanFollower):
         if gen is None:
             return NOT_PLANNED
         if gen.model_state is None:
-            reason = lowvram_reason(unet)
+            reason = lowvram_reason(unet, getattr(self.follow_state(), "model", None))
             if reason is not None:
                 return self._refuse(reason)
             self.check_model(unet)

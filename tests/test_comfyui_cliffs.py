@@ -48,7 +48,8 @@ def test_an_unloaded_model_is_freed_with_its_captures():
     keyed capture cache whose graphs refer to their key); now they go, as plain ones do."""
     node = NODE_CLASS_MAPPINGS["FxpropDeepCache"]()
     plain = [_load_run_unload(lambda p: p) for _ in range(3)]
-    accelerated_ = [_load_run_unload(lambda p: node.patch(p, 2, 1, 0.0, 1.0, branch=0)[0]) for _ in range(3)]
+    accelerated_ = [_load_run_unload(lambda p: node.patch(p, 2, 1, 0.0, 1.0, branch=0)[0])
+                    for _ in range(3)]
     gc.collect()
     assert [r() is None for r in plain] == [True] * 3        # what ComfyUI itself frees
     assert [r() is None for r in accelerated_] == [True] * 3

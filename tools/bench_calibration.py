@@ -4,11 +4,12 @@
     python tools/bench_calibration.py --per-digit 20 --plot calibration.png
 
 Calibrates the shipped digits model once (50 DDIM steps, 2 calls of the ten digits, seeds
-100-101, as ``python -m fxprop calibrate``; ``fxprop.calibration.calibrate.measure``) and chooses a
-schedule per FLOP-ideal target from that one measurement (``choose_calibration``; each choice
-runs its finalists on the calibration calls to verify). Hand-set policies: the faster-diffusion preset, encoder every N,
-DeepCache uniform (every branch) and non-uniform, each with forecast orders 0-2 where they
-apply, those of a measured cut within 10% of a target's speed. All run on other seeds (1000+)
+100-101, as ``python -m fxprop calibrate``; ``fxprop.calibration.calibrate.measure``) and
+chooses a schedule per FLOP-ideal target from that one measurement (``choose_calibration``;
+each choice runs its finalists on the calibration calls to verify). Hand-set policies: the
+faster-diffusion preset, encoder every N, DeepCache uniform (every branch) and non-uniform,
+each with forecast orders 0-2 where they apply, those of a measured cut within 10% of a
+target's speed. All run on other seeds (1000+)
 than calibration, interleaved (tools/bench_quality.py's runner); per policy: FLOP-ideal and
 measured speedup, PSNR against plain, classifier accuracy, Fréchet distance, and the relative
 final error calibration predicts for it (``-`` where a segment is longer than the measured

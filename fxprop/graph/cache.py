@@ -11,10 +11,10 @@ failed (it would fail again: it is not traced again). The cache is an LRU that n
 what the current run uses: a UNet that changes often (LoRA load/unload, PAG's processor swap)
 keeps its last :data:`CAPTURE_CACHE_SIZE` captures, a run with more call signatures than that
 keeps all of its own (up to :data:`RUN_LIMIT`), so a warm run captures nothing, and the graphs
-of states it left are dropped with the tensors they hold. A graph holds the UNet's parameters it read (shared, not copied); when a
-new graph is captured, the graphs holding tensors that are no longer the UNet's (replaced by
-``load_state_dict(assign=True)``, unloaded LoRA layers) are dropped, so a checkpoint swap does
-not keep the old weights alive.
+of states it left are dropped with the tensors they hold. A graph holds the UNet's parameters it
+read (shared, not copied); when a new graph is captured, the graphs holding tensors that are no
+longer the UNet's (replaced by ``load_state_dict(assign=True)``, unloaded LoRA layers) are
+dropped, so a checkpoint swap does not keep the old weights alive.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FILE = re.compile(r"(?<![\w/.])((?:fxprop|tests|tools|docs|\.ci)/[\w/.-]*\w)")
 NAME = re.compile(r"(?<![\w./])(fxprop(?:\.\w+)+)")
 #: Paths the text names that are not the repository's: the Calibrate node's default filename
-#: (in ComfyUI's output folder) and the export's metadata file.
-ELSEWHERE = {"fxprop/calibration.json", "fxprop.json"}
+#: (in ComfyUI's output folder), the export's metadata file, and a file of the clone in
+#: ComfyUI's custom_nodes (named fxprop/ there).
+ELSEWHERE = {"fxprop/calibration.json", "fxprop.json", "fxprop/requirements.txt"}
 
 
 def relative_links(page: Path) -> list[str]:

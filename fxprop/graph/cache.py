@@ -40,6 +40,7 @@ __all__ = ["CaptureCache", "Entry", "CAPTURE_CACHE_SIZE", "RUN_LIMIT", "TooManyS
 class TooManySignatures(ValueError):
     """A run needs more captured graphs than one run may hold (:data:`RUN_LIMIT`)."""
 
+
 #: Captured graphs kept per UNet (distinct model states x call signatures, batched ones of
 #: parallel mode included). A generation uses one or two; a few more let a pipeline switch
 #: between states (PAG on and off, two LoRA sets) without capturing again.

@@ -2,24 +2,25 @@
 diffusion-model call.
 
 :class:`ComfyRunner` is registered on a ``ModelPatcher`` clone as two wrappers
-(:mod:`fxprop.clients.comfyui.patch`): ``OUTER_SAMPLE`` (once per sampler run: plan over the run's
-sigmas, the grid of KSampler, KSamplerAdvanced's partial grid, img2img's or SamplerCustom's, and
-drop everything in ``finally``, also when the run raises or is interrupted) and
-``DIFFUSION_MODEL`` (around every call of the UNet: it receives the UNet and its call, and
-returns the planned step's output, or runs the call as it came). Calls are mapped to grid steps
-by the sigma ComfyUI passes in ``transformer_options["sigmas"]`` (:mod:`fxprop.runtime.grid`), so
-repeated rounded timesteps, Heun's second calls and midpoints are placed by the rules of
-k-diffusion grids. Runtime state lives in the run's :class:`~fxprop.runtime.follow.Scope`, never in
-``model_options`` (which ``clone()`` deep-copies); captured graphs live in a cache per UNet
-module, keyed by the state they are taken in (its fingerprint, grad and autocast modes: LoRA
-weights patched in or restored make a new capture, whose entry drops the graphs holding weights
-the UNet no longer has) and the call signature.
+(:mod:`fxprop.clients.comfyui.patch`): ``OUTER_SAMPLE`` (once per sampler run: plan over the
+run's sigmas, the grid of KSampler, KSamplerAdvanced's partial grid, img2img's or
+SamplerCustom's, and drop everything in ``finally``, also when the run raises or is
+interrupted) and ``DIFFUSION_MODEL`` (around every call of the UNet: it receives the UNet and
+its call, and returns the planned step's output, or runs the call as it came). Calls are mapped
+to grid steps by the sigma ComfyUI passes in ``transformer_options["sigmas"]``
+(:mod:`fxprop.runtime.grid`), so repeated rounded timesteps, Heun's second calls and midpoints
+are placed by the rules of k-diffusion grids. Runtime state lives in the run's
+:class:`~fxprop.runtime.follow.Scope`, never in ``model_options`` (which ``clone()``
+deep-copies); captured graphs live in a cache the UNet module owns (they go when ComfyUI
+unloads the model), keyed by the state they are taken in (its fingerprint, grad and autocast
+modes: LoRA weights patched in or restored make a new capture, whose entry drops the graphs
+holding weights the UNet no longer has) and the call signature.
 
-What it cannot run right it refuses, in ComfyUI's log and as a warning, running the whole UNet:
-lowvram partial loading (modules that cast or patch their weights per call), other nodes'
-attention patches and replacements (they may keep Python state across calls), other
-``DIFFUSION_MODEL`` wrappers beneath fxprop's, a UNet it cannot capture or cut, a grid whose
-sigmas do not decrease.
+What it cannot run right it refuses, in ComfyUI's log (each reason once) and as a warning,
+running the whole UNet: lowvram partial loading and weight patches applied per call (weights
+only cast from their stored dtype are captured), other nodes' attention patches and
+replacements (they may keep Python state across calls), other ``DIFFUSION_MODEL`` wrappers
+beneath fxprop's, a UNet it cannot capture or cut, a grid whose sigmas do not decrease.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ...graph.cache import CaptureCache, owned_cache
+from ...graph.cache import owned_cache
 from ...graph.capture import Captured, FlatCall, capture, why_not_captured
 from ...graph.regions import resolve_layout
 from ...graph.split import Parts, split
@@ -44,14 +45,9 @@ from ...runtime.generation import Generation
 from ...runtime.intercept import NOT_PLANNED, check_hooks
 from .calls import ComfyCall, attention_patches, comfy_call
 
-__all__ = ["ComfyRunner", "capture_cache", "lowvram_reason"]
+__all__ = ["ComfyRunner", "lowvram_reason"]
 
 LOG = logging.getLogger("fxprop.comfyui")
-
-def capture_cache(unet: nn.Module) -> CaptureCache:
-    """The capture cache of ``unet``, shared by every runner (two fxprop nodes on one model
-    capture once); the module owns it, so it goes when ComfyUI unloads the model."""
-    return owned_cache(unet)
 
 
 def lowvram_reason(unet: nn.Module, model: Any = None) -> str | None:
@@ -186,8 +182,9 @@ class ComfyRunner(PlanFollower):
             if reason is not None:
                 return self._refuse(reason)
             self.check_model(unet)
-            capture_cache(unet).begin_run()   # the graphs this run uses are kept while it runs
-            gen.model_state = capture_cache(unet).state(unet, call.flat.tensors[0])
+            cache = owned_cache(unet)   # every runner's: two fxprop nodes capture once
+            cache.begin_run()           # the graphs this run uses are kept while it runs
+            gen.model_state = cache.state(unet, call.flat.tensors[0])
         try:
             captured, parts = self.parts_for(unet, forward, call.flat, gen.model_state)
         except Exception as err:  # any capture or cut failure: run ComfyUI's own forward
@@ -223,7 +220,7 @@ class ComfyRunner(PlanFollower):
             check_hooks(unet)
             return capture(unet, call, forward)
 
-        entry = capture_cache(unet).entry(state, call.key, make_capture, owner=unet)
+        entry = owned_cache(unet).entry(state, call.key, make_capture, owner=unet)
         options = getattr(self.follow_state(), "compile", None)
         key = ("parts", self.policy.cut_id, repr(options))
         return entry.captured, entry.get(key, lambda: self._split(unet, entry.captured, options))

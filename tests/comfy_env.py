@@ -162,3 +162,16 @@ def conditioning(seed: int, batch: int = 1) -> list:
     """ComfyUI conditioning: one text embedding of 77 tokens."""
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(batch, 77, 768, generator=g), {}]]
+
+
+def area_conditionings(count: int) -> list:
+    """``count`` area conditionings of different sizes, by ComfyUI's ConditioningSetArea node
+    (up to 12; on a 16x16 latent each is a call of its own shape)."""
+    with torchvision_stand_ins():
+        import nodes
+    sizes = [(w, h) for w in (32, 64, 96, 128) for h in (32, 64, 96)][:count]
+    found = []
+    for i, (width, height) in enumerate(sizes):
+        found += nodes.ConditioningSetArea().append(conditioning(10 + i), width, height, 0, 0,
+                                                    1.0)[0]
+    return found

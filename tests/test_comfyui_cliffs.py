@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 
-from comfy_env import conditioning, require_comfy, tiny_patcher
+from comfy_env import area_conditionings, conditioning, require_comfy, tiny_patcher
 
 COMFY = require_comfy()
 
@@ -57,20 +57,6 @@ def test_an_unloaded_model_is_freed_with_its_captures():
 
 # -- no speed cliffs (issue 33) ---------------------------------------------------------------
 
-def _areas(count: int) -> list:
-    """``count`` area conditionings of different sizes (ComfyUI's ConditioningSetArea, on a
-    16x16 latent): each is a call of its own shape."""
-    from comfy_env import torchvision_stand_ins
-    with torchvision_stand_ins():
-        import nodes
-    sizes = [(w, h) for w in (32, 64, 96, 128) for h in (32, 64, 96)][:count]
-    found = []
-    for i, (width, height) in enumerate(sizes):
-        found += nodes.ConditioningSetArea().append(conditioning(10 + i), width, height, 0, 0,
-                                                    1.0)[0]
-    return found
-
-
 def _with_areas(model, positive) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     latent = torch.zeros(1, 4, 16, 16)
@@ -86,7 +72,7 @@ def test_more_call_shapes_than_the_cache_holds_capture_once(model, monkeypatch):
     8-graph LRU, capturing at every call of every run. A run keeps the graphs it uses: the
     first run captures each shape once, a warm run none; every key step equals plain. (Here
     the cache holds 2 graphs and 3 areas make more shapes than that: fewer captures.)"""
-    positive = _areas(3)
+    positive = area_conditionings(3)
     keys: list = []
     real = runner_module.capture
     monkeypatch.setattr(runner_module, "capture",

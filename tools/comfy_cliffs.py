@@ -31,13 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from common import timed_rounds  # noqa: E402
-from comfy_env import conditioning, load_comfy, tiny_patcher, torchvision_stand_ins  # noqa: E402
+from comfy_env import area_conditionings, conditioning, load_comfy, tiny_patcher  # noqa: E402
 
 
 def workflows(comfy: Any, steps: int) -> dict[str, tuple[Any, Callable[[Any], Any]]]:
     """Each row's model patch (ComfyUI's own node, or none) and sampler run."""
-    with torchvision_stand_ins():
-        import nodes
+    areas = area_conditionings(9)   # imports ComfyUI's nodes.py (behind torchvision stand-ins)
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 
@@ -49,10 +48,6 @@ def workflows(comfy: Any, steps: int) -> dict[str, tuple[Any, Callable[[Any], An
                                        3.0, "euler", "normal", positive, conditioning(2),
                                        latent, seed=0, disable_pbar=True)
         return run
-
-    areas = []
-    for i, (w, h) in enumerate([(w, h) for w in (32, 64, 96, 128) for h in (32, 64, 96)][:9]):
-        areas += nodes.ConditioningSetArea().append(conditioning(10 + i), w, h, 0, 0, 1.0)[0]
 
     def compiled(model: Any) -> Any:
         model = model.clone()

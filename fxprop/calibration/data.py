@@ -22,6 +22,8 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..graph.fingerprint import weights_digest
+from ..plan.forecast import FORECAST_ORDERS, FORECAST_VARIABLES
+from ..plan.policies import REUSE_MODES
 
 __all__ = ["Calibration", "FORMAT_VERSION", "model_id"]
 
@@ -308,9 +310,14 @@ def _check_numbers(field: str, values: Any, least: float = -math.inf) -> None:
         _require(_finite(value) and value >= least, f"{field}[{i}]", value, rule)
 
 
+def _either(names: Any) -> str:
+    """``'"a" or "b"'``: the accepted names, as a rule says them (from their source)."""
+    return " or ".join(f'"{name}"' for name in names)
+
+
 def _check_cut(reuse: Any, branch: Any) -> None:
     """The cut: the encoder (no branch) or a deep branch."""
-    _require(reuse in ("encoder", "deep"), "reuse", reuse, '"encoder" or "deep"')
+    _require(reuse in REUSE_MODES, "reuse", reuse, _either(REUSE_MODES))
     if reuse == "encoder":
         _require(branch is None, "branch", branch, 'None (null) for reuse "encoder"')
     else:
@@ -319,8 +326,10 @@ def _check_cut(reuse: Any, branch: Any) -> None:
 
 def _check_forecast(order: Any, position: Any, reach: Any) -> None:
     """The frontier forecast: its order, what it extrapolates in, and how far."""
-    _require(_count(order, 0) and order <= 2, "forecast", order, "an int in 0..2 (its order)")
-    _require(position in ("step", "signal"), "forecast_in", position, '"step" or "signal"')
+    _require(_count(order, 0) and order in FORECAST_ORDERS, "forecast", order,
+             f"an int in {min(FORECAST_ORDERS)}..{max(FORECAST_ORDERS)} (its order)")
+    _require(position in FORECAST_VARIABLES, "forecast_in", position,
+             _either(FORECAST_VARIABLES))
     _require(reach is None or (_finite(reach) and reach > 0), "forecast_reach", reach,
              "a finite number > 0 or None (unbounded)")
 

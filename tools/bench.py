@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import fxprop  # noqa: E402
-from common import flops  # noqa: E402
+from common import flops, timed_rounds  # noqa: E402
 from workloads import WORKLOADS, generation, pipeline, sd15_unet  # noqa: E402
 
 
@@ -77,7 +76,6 @@ class Candidate:
     run: Callable[[], torch.Tensor]
     enter: Callable[[], None] = lambda: None
     exit: Callable[[], None] = lambda: None
-    times: list[float] = field(default_factory=list)
     first: float = 0.0
     output: torch.Tensor | None = None
 
@@ -115,23 +113,15 @@ def warm_up(candidates: dict[str, Candidate]) -> None:
         c.first = time.perf_counter() - start
 
 
-def measure(candidates: dict[str, Candidate], repeats: int) -> None:
-    """Time the (warm) candidates interleaved, so that drifts of the machine hit all alike."""
-    for _ in range(repeats):
-        for c in candidates.values():
-            start = time.perf_counter()
-            c()
-            c.times.append(time.perf_counter() - start)
-
-
-def report(candidates: dict[str, Candidate], modes: dict[str, Mode], ideal: dict[str, float],
-           compiled: bool) -> None:
-    plain = statistics.median(candidates["plain"].times)
+def report(candidates: dict[str, Candidate], seconds: dict[str, float], modes: dict[str, Mode],
+           ideal: dict[str, float], compiled: bool) -> None:
+    """One line per mode: its median time (``seconds``), speedups and difference."""
+    plain = seconds["plain"]
     head = f"{'mode':<13}{'median s':>9}{'speedup':>9}{'FLOP-ideal':>11}{'effic.':>8}"
     head += f"{'first s':>9}" if compiled else f"{'vs ref':>8}"
     print(head + f"{'max|diff|':>11}  vs")
     for name, c in candidates.items():
-        median, mode = statistics.median(c.times), modes[name]
+        median, mode = seconds[name], modes[name]
         line = f"{name:<13}{median:>9.3f}{plain / median:>9.2f}{ideal[name]:>11.2f}"
         line += f"{plain / median / ideal[name]:>8.2f}"
         if compiled:
@@ -139,8 +129,7 @@ def report(candidates: dict[str, Candidate], modes: dict[str, Mode], ideal: dict
         else:
             ref = (mode.compare_to if name.endswith("-f1")  # forecast: time vs its reuse mode
                    else f"deepcache-{name.split('-')[1]}" if name.startswith("deep-") else None)
-            ratio = (median / statistics.median(candidates[ref].times)
-                     if ref in candidates else None)
+            ratio = median / seconds[ref] if ref in seconds else None
             line += f"{ratio:>8.2f}" if ratio else f"{'':>8}"
         other = candidates.get(mode.compare_to, candidates["plain"])
         diff = (c.output - other.output).abs().max().item()
@@ -189,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         warm_up(eager)
     counts = {n: flops(c) for n, c in eager.items()}
     ideal = {n: counts["plain"] / counts[n] for n in names}
-    measure(candidates, args.repeats)
-    report(candidates, {n: modes[n] for n in names}, ideal, args.compile)
+    seconds = timed_rounds(candidates, args.repeats)   # interleaved: drifts hit all alike
+    report(candidates, seconds, {n: modes[n] for n in names}, ideal, args.compile)
     return 0
 
 

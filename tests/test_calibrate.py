@@ -17,9 +17,8 @@ import fxprop
 from conftest import decoder_attn_unet, make_scheduler, sample_of
 from fxprop.calibration.calibrate import calibrate
 from fxprop.calibration.data import FORMAT_VERSION, Calibration
-from fxprop.calibration.choice import verified_choice
 from fxprop.calibration.measure import output_errors, states
-from fxprop.calibration.optimise import (Option, check_budget, choose, options, pareto,
+from fxprop.calibration.optimise import (check_budget, choose, options, pareto,
                                          schedule_error)
 from fxprop.calibration.sources import other_noise
 
@@ -421,22 +420,3 @@ def test_cli_without_a_command_prints_usage(capsys):
 
     assert main([]) == 2 and main(["nope"]) == 2
     assert "fxprop calibrate [--speedup X | --max-error E]" in capsys.readouterr().err
-
-
-def test_a_fitted_schedule_replaces_the_hand_set_one_only_if_better_on_every_call():
-    """At equal cost, verification keeps the every-N-th schedule unless a finalist beats it on
-    each held-out call; otherwise (it is not a finalist, or it has fewer key steps) the least
-    root-mean-square error wins."""
-    def option(keys):
-        return Option(("deep", 0), 1, keys, 6, 2.0, 0.01)
-    hand_set, fitted, even = option((0, 2, 4)), option((0, 1, 4)), option((0, 3, 5))
-    on_average = [([0.024, 0.01], fitted), ([0.02, 0.021], hand_set), ([0.05, 0.05], even)]
-    assert verified_choice(on_average, hand_set) == ([0.02, 0.021], hand_set)
-    throughout = [([0.019, 0.02], fitted), ([0.02, 0.021], hand_set)]
-    assert verified_choice(throughout, hand_set) == ([0.019, 0.02], fitted)
-    assert verified_choice(on_average, None) == ([0.024, 0.01], fitted)
-    assert verified_choice(on_average[:1] + on_average[2:], hand_set)[1] == fitted
-    cheaper = option((0, 3))
-    assert verified_choice([([0.024, 0.01], fitted), ([0.02, 0.021], cheaper)], cheaper)[1] \
-        == fitted
-

@@ -1,13 +1,14 @@
 """Choosing a schedule from the error tables: predicted, then verified on held-out noise.
 
 :mod:`fxprop.calibration.optimise` gives each cut and forecast order its Pareto options from
-the tables of a :class:`~fxprop.calibration.measure.Measurement`. For a FLOP budget the best
-candidates (the optimiser's schedule, the every-N-th one of at most as many key steps, as the
-hand-set policies place them, and the evenly spaced one of as many, for the two best cuts and
-orders; the first ``verify`` of them) are run accelerated on the calibration calls with other
-noise (samples the tables were not measured on, on the measurement's own graphs) and the one
-whose final samples are nearest plain's is chosen, at equal cost over the hand-set one only if
-it is nearer on every held-out call. The result is a :class:`~fxprop.Calibration`.
+the tables of a :class:`~fxprop.calibration.measure.Measurement`. With a FLOP budget,
+:mod:`~fxprop.calibration.finalists` screens the hand-set schedules and the fitted ones (the
+optimiser's and the structured families') by the tables, and the finalists run accelerated on
+the calibration calls with other noise (samples the tables were not measured on, on the
+measurement's own graphs). Each row of each held-out batch is one paired sample: the finalist
+nearest plain is chosen over the best hand-set one only where the paired bootstrap says it is
+better, not by chance (:mod:`~fxprop.calibration.significance`); the
+:class:`~fxprop.Calibration` records that verdict.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from .data import Calibration, model_id
+from .finalists import Finalist, finalists
 from .measure import Measurement
-from .optimise import Option, check_budget, choose, options, schedule_error, speedup, state_after
+from .optimise import Option, check_budget, choose, options, state_after
 from .propagation import final_of
+from .significance import mean_db, paired_gain, rms
 
 __all__ = ["choose_calibration", "verified_choice", "error_curve"]
 
@@ -46,36 +50,8 @@ def _candidates(measurement: Measurement, budget: dict) -> tuple[list[Option], l
     return found, best
 
 
-def _even(measurement: Measurement, option: Option) -> Option | None:
-    """The evenly spaced schedule with as many key steps as ``option`` (``None`` if a segment
-    is not measured)."""
-    n, count = measurement.num_steps, len(option.key_steps)
-    keys = tuple(sorted({round(i * n / count) for i in range(count)}))
-    return _schedule(measurement, option, keys) if len(keys) == count else None
-
-
-def _interval(measurement: Measurement, option: Option) -> Option | None:
-    """The hand-set schedule of at most as many key steps as ``option`` (every N-th step from
-    0, as the nodes' and presets' ``interval``): a finalist, so that a calibrated schedule is
-    chosen over it only where it verifies better (``None`` if a segment is not measured)."""
-    n = measurement.num_steps
-    return _schedule(measurement, option, tuple(range(0, n, math.ceil(n / len(option.key_steps)))))
-
-
-def _schedule(measurement: Measurement, option: Option, keys: tuple[int, ...]) -> Option | None:
-    """``option``'s cut and order with key steps ``keys``, its speedup and predicted error
-    (``None`` if a segment is not measured)."""
-    n = measurement.num_steps
-    cut = next(c for c in measurement.cuts if c.id == option.cut)
-    error = schedule_error(cut.table(measurement.gain_curve()), keys, n, option.order)
-    if math.isinf(error):
-        return None
-    return Option(option.cut, option.order, keys, n, speedup(len(keys), n, cut.step_cost),
-                  math.sqrt(error))
-
-
 def _make(measurement: Measurement, chosen: Option, budget: dict, best: list[Option],
-          verified: float | None = None) -> Calibration:
+          verified: float | None = None, verdict: dict | None = None) -> Calibration:
     cut = next(c for c in measurement.cuts if c.id == chosen.cut)
     table = measurement.tables()[cut.id]
     return Calibration(
@@ -88,65 +64,78 @@ def _make(measurement: Measurement, chosen: Option, budget: dict, best: list[Opt
         error_curve=error_curve(table, chosen.key_steps, measurement.num_steps, chosen.order),
         budget={k: v for k, v in budget.items() if v is not None},
         alternatives=tuple((o.cut[0], o.cut[1], o.order, o.speedup, o.error) for o in best),
-        verified_error=verified)
+        verified_error=verified, verdict=verdict or None)
 
 
 def choose_calibration(measurement: Measurement, target_speedup: float | None = None,
-                       max_error: float | None = None, verify: int = 4) -> Calibration:
-    """The schedule for one budget: least predicted error at ``target_speedup`` (then, with
-    ``verify``, the least measured final error among that many candidates run accelerated
-    on the calibration calls with other noise), or the fastest predicted within ``max_error``."""
+                       max_error: float | None = None, verify: int = 6,
+                       confidence: float = 0.95) -> Calibration:
+    """The schedule for one budget: at ``target_speedup``, the verified choice among
+    ``verify`` finalists (:func:`verified_choice`; 0: the least predicted error); within
+    ``max_error``, the fastest predicted."""
     check_budget(target_speedup, max_error)
     budget = dict(target_speedup=target_speedup, max_error=max_error)
     found, best = _candidates(measurement, budget)
     chosen = choose(found, **budget)
     if target_speedup is None or verify < 1 or not measurement.replays:
         return _make(measurement, chosen, budget, best)
-    ranked = sorted(best, key=lambda o: o.error)[: max(1, (verify + 1) // 2)]
-    groups = [(o, _interval(measurement, o), _even(measurement, o)) for o in ranked]
-    if not groups:
-        return _make(measurement, chosen, budget, best)
-    finalists: dict = {}
-    for o in (o for group in groups for o in group if o is not None):
-        finalists.setdefault((o.cut, o.order, o.key_steps), o)
-    scored = [(_final_errors(measurement, o), o) for o in tqdm(
-        list(finalists.values())[:verify], desc="fxprop verify", unit="schedule",
-        disable=not measurement.progress)]
-    errors, chosen = verified_choice(scored, groups[0][1])
-    return _make(measurement, chosen, budget, best, verified=_rms_of(errors))
+    hand, fitted = finalists(measurement, best, target_speedup, verify)
+    runs = [*hand, *fitted]
+    errors = {f: _final_errors(measurement, f.option) for f in tqdm(
+        runs, desc="fxprop verify", unit="schedule", disable=not measurement.progress)}
+    pick, verdict = verified_choice(errors, hand, confidence)
+    return _make(measurement, pick.option, budget, best, verified=rms(errors[pick]),
+                 verdict=verdict)
 
 
-def verified_choice(scored: list[tuple[list[float], Option]],
-                    hand_set: Option | None) -> tuple[list[float], Option]:
-    """The finalist of least error (root mean square over the held-out calls), unless the
-    hand-set schedule is a finalist of the same cost (cut and number of key steps) that it
-    does not beat on every call: at equal cost, a schedule fitted to the tables replaces the
-    hand-set one only where it verifies better throughout (on the ComfyUI digits twin at 3x,
-    two held-out calls ranked a fitted schedule 1% ahead of every 4th step, 0.0265 to 0.0267,
-    whose error on the benchmark's 50 samples was twice that one's, 0.048 to 0.023)."""
-    errors, chosen = min(scored, key=lambda s: _rms_of(s[0]))
-    base = next((s for s in scored if hand_set is not None and s[1] == hand_set), None)
-    if base is None or (base[1].cut, len(base[1].key_steps)) != \
-            (chosen.cut, len(chosen.key_steps)) or all(
-                e < b for e, b in zip(errors, base[0])):
-        return errors, chosen
-    return base
+def verified_choice(errors: dict[Finalist, list[float]], hand: list[Finalist],
+                    confidence: float = 0.95) -> tuple[Finalist, dict]:
+    """The finalist nearest plain on the held-out samples (least mean log error), unless the
+    best hand-set finalist is not significantly worse than it (paired bootstrap at
+    ``confidence``): then the hand-set one, at its cost or below, which needs no fit to hold.
+    Returns the pick and its verdict (how sure: its gain over the best of the other side)."""
+    best = min(errors, key=lambda f: mean_db(errors[f]))
+    base = min(hand, key=lambda f: mean_db(errors[f]), default=None)
+    if base is None:
+        return best, {}
+    if best.hand_set:
+        rival = min((f for f in errors if not f.hand_set), key=lambda f: mean_db(errors[f]),
+                    default=None)
+        return best, _verdict(best, rival, errors, confidence, kept=True)
+    gain = paired_gain(errors[best], errors[base], confidence)
+    if gain.significant:
+        return best, _verdict(best, base, errors, confidence, kept=False)
+    return base, _verdict(base, best, errors, confidence, kept=True)
 
 
-def _rms_of(errors: list[float]) -> float:
-    return math.sqrt(sum(e * e for e in errors) / len(errors))
+def _verdict(pick: Finalist, rival: Finalist | None, errors: dict, confidence: float,
+             kept: bool) -> dict:
+    """What the choice was made against: ``pick``'s gain over ``rival`` in dB (mean and
+    interval over the paired held-out samples)."""
+    out = dict(chosen=pick.describe(), hand_set=kept, samples=len(errors[pick]),
+               confidence=confidence)
+    if rival is None:
+        return {**out, "versus": None, "gain_db": None, "interval_db": None}
+    gain = paired_gain(errors[pick], errors[rival], confidence)
+    return {**out, "versus": rival.describe(), "gain_db": round(gain.mean, 3),
+            "interval_db": [round(gain.low, 3), round(gain.high, 3)]}
 
 
 def _final_errors(measurement: Measurement, option: Option) -> list[float]:
-    """Relative error of the final sample of each calibration call run accelerated with
-    ``option``."""
+    """Relative error of each final sample (each row of each held-out call's batch) run
+    accelerated with ``option``: the paired samples verification decides on."""
     errors = []
     for run, final in measurement.replays:
         forward = measurement.accelerated(option.cut, option.order, option.key_steps)
         found = final_of(run, measurement.scheduler, measurement.unet, forward).double()
-        errors.append(float((found - final.double()).norm() /
-                            final.double().norm().clamp_min(1e-30)))
+        errors += row_errors(found, final.double())
     return errors
+
+
+def row_errors(found: torch.Tensor, true: torch.Tensor) -> list[float]:
+    """``|found_i - true_i| / |true_i|`` of each row ``i`` of a batch."""
+    diff = (found - true).flatten(1).norm(dim=1)
+    return (diff / true.flatten(1).norm(dim=1).clamp_min(1e-30)).tolist()
 
 
 def error_curve(table: dict, keys: Sequence[int], num_steps: int, order: int) -> tuple:

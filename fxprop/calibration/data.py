@@ -27,11 +27,12 @@ from ..plan.policies import REUSE_MODES
 
 __all__ = ["Calibration", "FORMAT_VERSION", "model_id"]
 
-#: Version of the JSON format (3: ``weights``; 4: ``sigmas``); version 3 files are read as
-#: calibrations for any sigma grid of their scheduler, files of other versions are refused.
-FORMAT_VERSION = 4
+#: Version of the JSON format (3: ``weights``; 4: ``sigmas``; 5: ``verdict``); version 3 files
+#: are read as calibrations for any sigma grid of their scheduler, versions 3 and 4 as
+#: calibrations without a verdict, files of other versions are refused.
+FORMAT_VERSION = 5
 #: Fields each older version that is still read lacks, with the value they mean there.
-MIGRATIONS = {3: {"sigmas": []}}
+MIGRATIONS = {3: {"sigmas": [], "verdict": None}, 4: {"verdict": None}}
 #: Two digests name the same weights if no group differs by more than this (a model loaded in
 #: fp16 or bf16 moves a group by about 1e-4; other weights by about 0.03).
 DIGEST_TOLERANCE = 2e-3
@@ -81,6 +82,11 @@ class Calibration:
         budget: ``{"target_speedup": x}`` or ``{"max_error": x}``.
         alternatives: the best schedule of every other cut and order at the same budget, as
             ``(reuse, branch, forecast, speedup, error)`` (what the choice was made against).
+        verified_error: root mean square relative error of the held-out final samples.
+        verdict: how sure the verified choice is (``None``: not verified): ``chosen`` and
+            ``versus`` (the best finalist of the other side, hand-set or fitted) described,
+            ``hand_set`` (the pick is a hand-set schedule), ``gain_db`` (mean PSNR gain of
+            the pick over ``versus``) and its ``interval_db`` at ``confidence``, ``samples``.
     """
 
     reuse: str
@@ -101,6 +107,7 @@ class Calibration:
     verified_error: float | None = None
     weights: tuple[float, ...] = ()
     sigmas: tuple[float, ...] = ()
+    verdict: dict | None = dataclasses.field(default=None, compare=False)
     version: int = FORMAT_VERSION
 
     def accelerate_options(self, num_steps: int, scheduler: Any) -> dict:
@@ -238,12 +245,24 @@ class Calibration:
             "  error curve (share of the squared final error, per step): " +
             " ".join(f"{e:.0e}" if e else "0" for e in self.error_curve),
         ]
+        if self.verdict:
+            lines.append(_verdict_line(self.verdict))
         if self.alternatives:
             lines.append("  best of each cut and order at this budget (speedup, error):")
             for reuse, branch, forecast, speed, error in self.alternatives:
                 name = "encoder" if reuse == "encoder" else f"deep b{branch}"
                 lines.append(f"    {name:<10} forecast {forecast}  {speed:5.2f}x  {error:.4f}")
         return "\n".join(lines)
+
+
+def _verdict_line(verdict: dict) -> str:
+    """The verdict in one line: the pick, and its gain over the other side's best."""
+    line = f"  verified:   {verdict['chosen']} on {verdict['samples']} held-out samples"
+    if verdict.get("versus") is None:
+        return line
+    low, high = verdict["interval_db"]
+    return (f"{line}; {verdict['gain_db']:+.2f} dB over {verdict['versus']} "
+            f"({verdict['confidence']:.0%} interval {low:+.2f} to {high:+.2f} dB)")
 
 
 def _worst(gaps: list) -> float:
@@ -369,6 +388,10 @@ def _check_outcome(data: dict) -> None:
              "predicted_error", data["predicted_error"], "a finite number >= 0")
     _require(verified is None or (_finite(verified) and verified >= 0), "verified_error",
              verified, "None (not verified) or a finite number >= 0")
+    verdict = data["verdict"]
+    _require(verdict is None or (isinstance(verdict, dict) and _finite(verdict.get("samples"))
+                                 and all(_finite(v) for v in verdict.get("interval_db") or [])),
+             "verdict", verdict, "None or a dict with samples and a finite interval_db")
     budget, rows = data["budget"], data["alternatives"]
     _require(isinstance(budget, dict) and all(_finite(v) for v in budget.values()), "budget",
              budget, "a dict of finite numbers")

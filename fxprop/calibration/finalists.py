@@ -1,0 +1,112 @@
+"""The schedules verification runs at a FLOP budget: hand-set ones and fitted ones, screened
+by the error tables.
+
+For every cut and forecast order that reaches the budget, the candidates are the optimiser's
+schedule, the structured families of :mod:`~fxprop.calibration.families` at the most key
+steps the budget allows, and every hand-set schedule (every N-th step) at or below that cost.
+Verification runs cost a generation each, so the tables' predictions screen them: the best
+few hand-set schedules (a faster hand-set schedule can be the better one: on a pretrained
+UNet every 8th step beat every 5th by 2-3 dB) and, for the fitted side, the optimiser's best
+schedule and the best of each family, so that structure competes with the fit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .families import HAND_SET, every_n, family_schedules, phase_schedules
+from .measure import Measurement
+from .optimise import Option, schedule_error, speedup
+
+__all__ = ["Finalist", "finalists"]
+
+
+@dataclass(frozen=True)
+class Finalist:
+    """A schedule to verify: its option (cut, order, key steps, speedup, predicted error) and
+    where it comes from (``"every"`` for hand-set, a family name, or ``"fitted"``)."""
+
+    option: Option
+    family: str
+
+    @property
+    def hand_set(self) -> bool:
+        return self.family == HAND_SET
+
+    def describe(self) -> str:
+        o = self.option
+        cut = "encoder" if o.cut[0] == "encoder" else f"deep b{o.cut[1]}"
+        name = f"every {o.key_steps[1] - o.key_steps[0]}" if self.hand_set and \
+            len(o.key_steps) > 1 else self.family
+        return f"{name}, {cut}, forecast {o.order}, {len(o.key_steps)} key steps"
+
+
+def _most_keys(num_steps: int, step_cost: float, target: float) -> int:
+    """The most key steps whose FLOP-ideal speedup still reaches ``target`` (0 if none)."""
+    return max((k for k in range(1, num_steps + 1)
+                if speedup(k, num_steps, step_cost) >= target * (1 - 1e-9)), default=0)
+
+
+def _option(measurement: Measurement, table: dict, cut, order: int,
+            keys: tuple[int, ...]) -> Option | None:
+    """``keys`` as an option of ``cut`` and ``order`` (``None`` if a segment is not
+    measured)."""
+    n = measurement.num_steps
+    error = schedule_error(table, keys, n, order)
+    if math.isinf(error):
+        return None
+    return Option(cut.id, order, keys, n, speedup(len(keys), n, cut.step_cost), math.sqrt(error))
+
+
+def _pools(measurement: Measurement, fitted: list[Option], target: float
+           ) -> tuple[list[Finalist], dict[str, list[Finalist]]]:
+    """Every measurable hand-set schedule at or below the budget's cost, and the others by
+    family (``"fitted"``: the optimiser's)."""
+    tables, n = measurement.tables(), measurement.num_steps
+    hand, families = [], {"fitted": [Finalist(o, "fitted") for o in fitted]}
+    for cut in measurement.cuts:
+        count = _most_keys(n, cut.step_cost, target)
+        if count < 1:
+            continue
+        shapes = {**family_schedules(n, count),
+                  **phase_schedules(n, count, measurement.max_interval)}
+        shapes.pop(HAND_SET, None)
+        for order in measurement.orders:
+            for interval in range(math.ceil(n / count), n + 1):
+                found = _option(measurement, tables[cut.id], cut, order, every_n(n, interval))
+                if found is not None:
+                    hand.append(Finalist(found, HAND_SET))
+            for name, keys in shapes.items():
+                found = _option(measurement, tables[cut.id], cut, order, keys)
+                if found is not None:
+                    kind = "phases" if name.startswith("phases") else name
+                    families.setdefault(kind, []).append(Finalist(found, name))
+    return hand, families
+
+
+def finalists(measurement: Measurement, fitted: list[Option], target: float,
+              count: int) -> tuple[list[Finalist], list[Finalist]]:
+    """``(hand-set, fitted)`` finalists, ``count`` in all (a third hand-set, at least one of
+    each), each side best predicted first; duplicates (same cut, order and key steps) once."""
+    hand, families = _pools(measurement, fitted, target)
+    by_error = lambda f: f.option.error  # noqa: E731
+    hand_count = max(1, count // 3)
+    hand = _unique(sorted(hand, key=by_error))[:hand_count]
+    best = [min(group, key=by_error) for group in families.values() if group]
+    best = _unique(sorted(best, key=by_error), seen={_key(f) for f in hand})
+    return hand, best[: max(1, count - len(hand))]
+
+
+def _key(finalist: Finalist) -> tuple:
+    o = finalist.option
+    return (o.cut, o.order, o.key_steps)
+
+
+def _unique(found: list[Finalist], seen: set | None = None) -> list[Finalist]:
+    seen, out = set() if seen is None else set(seen), []
+    for f in found:
+        if _key(f) not in seen:
+            seen.add(_key(f))
+            out.append(f)
+    return out

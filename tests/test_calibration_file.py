@@ -13,8 +13,11 @@ from fxprop.calibration.data import Calibration
 from test_calibrate import hand_made
 
 #: A valid calibration's JSON with every optional part filled (a grid, a digest, a verification).
+VERDICT = dict(chosen="phases 1/2/1, deep b0, forecast 1, 3 key steps", hand_set=False,
+               samples=20, confidence=0.95, versus="every 2, deep b0, forecast 1, 3 key steps",
+               gain_db=2.5, interval_db=[1.1, 3.9])
 VALID = dict(sigmas=(2.0, 1.5, 1.0, 0.5, 0.5, 0.0), weights=(0.1, -0.2),
-             verified_error=0.02)
+             verified_error=0.02, verdict=VERDICT)
 
 
 @pytest.mark.parametrize("changes, named", [
@@ -56,6 +59,9 @@ VALID = dict(sigmas=(2.0, 1.5, 1.0, 0.5, 0.5, 0.0), weights=(0.1, -0.2),
     (dict(num_inference_steps=0), "num_inference_steps must be None (a bare UNet) or an int"),
     (dict(budget={"target_speedup": math.nan}), "budget must be a dict of finite numbers"),
     (dict(alternatives=[["deep", 0, 0, math.nan, 0.02]]), "alternatives must be a list of"),
+    (dict(verdict={**VERDICT, "interval_db": [math.nan, 3.9]}), "verdict must be None or a dict"),
+    (dict(verdict={**VERDICT, "samples": None}), "verdict must be None or a dict"),
+    (dict(verdict=[1]), "verdict must be None or a dict"),
 ])
 def test_a_calibration_field_that_breaks_its_rule_is_refused_naming_it(changes, named):
     """Issue 32, row 3: a NaN in ``sigmas`` or ``weights`` loaded, and every check then passed
@@ -101,3 +107,14 @@ def test_check_model_refuses_a_nan_in_either_digest(where):
         calibration = hand_made(model=model_id(unet), weights=(*digest[:-1], math.nan))
     with pytest.raises(ValueError, match="other weights"):
         calibration.check_model(unet)
+
+
+def test_a_verdict_is_kept_in_the_file_and_shown_and_format_4_reads_without_one(tmp_path):
+    calibration = hand_made(**VALID)
+    calibration.save(tmp_path / "c.json")
+    assert Calibration.load(tmp_path / "c.json").verdict == VERDICT
+    assert ("verified:   phases 1/2/1, deep b0, forecast 1, 3 key steps on 20 held-out samples; "
+            "+2.50 dB over every 2, deep b0, forecast 1, 3 key steps (95% interval +1.10 to "
+            "+3.90 dB)") in str(calibration)
+    data = {k: v for k, v in calibration.to_json().items() if k != "verdict"}
+    assert Calibration.from_json({**data, "version": 4}).verdict is None

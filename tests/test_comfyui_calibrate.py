@@ -163,16 +163,18 @@ def test_calibrate_node_on_a_lora_model_saves_a_calibration_for_it(model, tmp_pa
     weight = model.model.diffusion_model.out[2].weight
     lora.add_patches({"diffusion_model.out.2.weight": (torch.randn_like(weight) * 0.2,)}, 1.0)
     node = NODE_CLASS_MAPPINGS["FxpropCalibrate"]()
-    required = node.INPUT_TYPES()["required"]  # what ComfyUI passes: the function's parameters
-    assert list(required) == list(inspect.signature(node.calibrate).parameters)
+    inputs = node.INPUT_TYPES()  # what ComfyUI passes: the function's parameters
+    required = inputs["required"]
+    assert [*required, *inputs["optional"]] == list(inspect.signature(node.calibrate).parameters)
     assert {"euler", "heun"} <= set(required["sampler_name"][0])
     assert {"normal", "karras"} <= set(required["scheduler"][0])
     patched, summary = node.calibrate(
         lora, conditioning(1), conditioning(2), {"samples": torch.zeros(SHAPE)}, seed=7, runs=1,
         steps=4, cfg=CFG, sampler_name="euler", scheduler="normal", denoise=1.0,
-        target_speedup=1.2, filename=str(tmp_path / "lora.json"))
+        target_speedup=1.2, filename=str(tmp_path / "lora.json"), held_out=2)
     saved = Calibration.load(tmp_path / "lora.json")
     assert str(saved) == summary and saved.scheduler == "ComfyUI sample_euler"
+    assert saved.verdict["samples"] == 2   # one run, two held-out seeds, a batch of 1
     sample(patched, 1, steps=4)  # follows it without a fallback warning
     with pytest.raises(ValueError, match="other weights"):
         sample(patch_model(model, CalibratedRunner(saved)), 1, steps=4)

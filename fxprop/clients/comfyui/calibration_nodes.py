@@ -26,6 +26,9 @@ __all__ = ["FxpropCalibrate", "FxpropCalibrated", "calibration_path"]
 LOG = logging.getLogger("fxprop.comfyui")
 CATEGORY = "model_patches/fxprop"
 DEFAULT_FILE = "fxprop/calibration.json"
+#: Held-out generations per run the Calibrate node judges finalists on: 2 runs of a batch of 1
+#: give the 8 paired samples a significant difference needs (fxprop.calibration.significance).
+HELD_OUT = 4
 
 
 def calibration_path(name: str) -> Path:
@@ -77,17 +80,23 @@ class FxpropCalibrate:
             "filename": ("STRING", {"default": DEFAULT_FILE, "tooltip": (
                 "where to save it: a path in ComfyUI's output directory (relative to it, or "
                 "absolute within it)")}),
+        }, "optional": {
+            "held_out": ("INT", {"default": HELD_OUT, "min": 1, "max": 64, "tooltip": (
+                "generations per run on other seeds that the finalists are judged on; a "
+                "fitted schedule replaces the hand-set one only where they show it better at "
+                "95% confidence, which needs 8 or more samples (runs x held_out x batch)")}),
         }}
 
     def calibrate(self, model: Any, positive: Any, negative: Any, latent_image: dict,
                   seed: int, runs: int, steps: int, cfg: float, sampler_name: str,
                   scheduler: str, denoise: float, target_speedup: float,
-                  filename: str) -> tuple:
+                  filename: str, held_out: int = HELD_OUT) -> tuple:
         path = calibration_path(filename)  # refused before the long measurement
         sampling = ComfySampling(positive, negative, latent_image, steps, cfg, sampler_name,
                                  scheduler, denoise)
         seeds = [(seed + i) % 2 ** 64 for i in range(runs)]
-        calibration = calibrate_comfy(model, sampling, seeds, target_speedup=target_speedup)
+        calibration = calibrate_comfy(model, sampling, seeds, target_speedup=target_speedup,
+                                      held_out=held_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         calibration.save(path)
         LOG.info("fxprop: saved the calibration to %s\n%s", path, calibration)

@@ -74,11 +74,10 @@ def sample(model, conds) -> torch.Tensor:
 
 def fxprop(model, reuse, interval=3, gated=True, spy=None):
     """``model`` patched by fxprop (DeepCache or encoder propagation, linear forecast);
-    ``gated=False``: without its ControlNet wrapper; ``spy`` wraps the runner's steps."""
+    ``gated=False``: without its ControlNet wrapper; ``spy(runner)`` may wrap its methods."""
     runner = ComfyRunner(make_policy(reuse, key_steps=interval, forecast=1, prior_noise=0.0))
     if spy is not None:
-        real = runner.run_planned
-        runner.run_planned = lambda gen, call, parts: spy(real, gen, call, parts)
+        spy(runner)
     patched = patch_model(model, runner)
     if not gated:
         patched.remove_wrappers_with_key(WRAPPERS.CALC_COND_BATCH, KEY)
@@ -179,21 +178,41 @@ def test_chained_controlnets_whose_ranges_start_and_end_between_key_steps(env):
     close(out, sample(oracle(env, "deep", patterns, fresh), conds))
 
 
-def test_a_step_that_runs_the_whole_unet_gets_fresh_residuals(env):
-    """A non-key step whose call runs the whole UNet after all (here: the plan is left at step
-    4) runs the ControlNet for it rather than the served residuals, and so does the rest of the
-    run."""
-    def leave_at_4(real, gen, call, parts):
+def leave_the_plan_at_4(runner):
+    """From step 4 on, the whole UNet runs (as after a refusal)."""
+    real = runner.run_planned
+
+    def run_planned(gen, call, parts):
         if gen.step == 4:
             gen.leave_plan()
             return None
         return real(gen, call, parts)
+    runner.run_planned = run_planned
 
+
+def forget_the_frontier_at_4(runner):
+    """Step 4's call finds no frontier (as a call signature first seen there): it runs whole
+    and keeps its own."""
+    real = runner.parts_for
+
+    def parts_for(*args):
+        gen = runner.follow_state().generation
+        if gen.step == 4:
+            gen.slots.clear()
+        return real(*args)
+    runner.parts_for = parts_for
+
+
+@pytest.mark.parametrize("spy, fresh", [(leave_the_plan_at_4, {4, 5, 6, 7}),
+                                        (forget_the_frontier_at_4, {4})])
+def test_a_step_that_runs_the_whole_unet_gets_fresh_residuals(env, spy, fresh):
+    """A non-key step whose call runs the whole UNet after all runs the ControlNet for it
+    rather than the served residuals."""
     conds = controlled(env)
     env["runs"].clear()
-    out = sample(fxprop(env["model"], "deep", spy=leave_at_4), conds)
-    assert len(env["runs"]) == 2 + 4   # key steps 0 and 3, then every step from 4
-    close(out, sample(oracle(env, "deep", fresh={4, 5, 6, 7}, spy=leave_at_4), conds))
+    out = sample(fxprop(env["model"], "deep", spy=spy), conds)
+    assert len(env["runs"]) == len(set(KEYS) | fresh)
+    close(out, sample(oracle(env, "deep", fresh=fresh, spy=spy), conds))
 
 
 def test_another_packs_controlnet_class_runs_every_step_with_one_log_line(env, caplog):

@@ -1,9 +1,11 @@
 """ControlNets at key steps only, in ComfyUI's sampler.
 
 ComfyUI runs a ControlNet in ``samplers.calc_cond_batch`` (``control.get_control``) before the
-diffusion-model call fxprop wraps, and its UNet adds the residuals inside the decoder (the
-``output`` ones to the popped skips) and after the middle block. So the every-step part of
-either cut reads the control residuals, and a ControlNet left alone runs every step.
+diffusion-model call fxprop wraps, so a ControlNet left alone runs every step. Its UNet adds
+the ``output`` residuals to the skips as it pops them and ``middle`` after the middle block;
+in the captured graph those additions depend on encoder values and residuals only, so
+encoder propagation caches them with the skips (its decoder reads no residual), while
+DeepCache's shallow branch reads the residual of the shallowest skip.
 
 fxprop's ``CALC_COND_BATCH`` wrapper (:func:`calc_cond_batch`) gives ComfyUI's batching the
 run's conditionings with each ControlNet replaced by a :class:`KeyStepControl` in front of it

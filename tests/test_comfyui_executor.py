@@ -6,12 +6,11 @@ of the tests; no checkpoint, CLIP or VAE is needed for what is tested here)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
-from comfy_env import conditioning, require_comfy, tiny_patcher, torchvision_stand_ins
+from comfy_env import conditioning, require_comfy, tiny_patcher
+from comfy_workflows import prompt_executor
 
 COMFY = require_comfy()
 pytestmark = [pytest.mark.slow,  # ComfyUI's nodes.py and execution.py import most of ComfyUI
@@ -47,30 +46,6 @@ class TinyConditioning:
         return (conditioning(seed),)
 
 
-class Keep:
-    """An output node that keeps the sampled latents."""
-
-    RETURN_TYPES, FUNCTION, CATEGORY, OUTPUT_NODE = (), "keep", "testing", True
-    kept: list = []
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"samples": ("LATENT",)}}
-
-    def keep(self, samples: dict) -> dict:
-        Keep.kept.append(samples["samples"].clone())
-        return {}
-
-
-class Server:
-    """What the executor tells a UI: nothing here."""
-
-    client_id = last_node_id = last_prompt_id = None
-
-    def send_sync(self, *args, **kwargs) -> None:
-        pass
-
-
 def workflow(seed: int, steps: int, interval: int | None) -> dict:
     """KSampler on the tiny model, through fxprop DeepCache unless ``interval`` is None."""
     prompt = {
@@ -96,27 +71,9 @@ def workflow(seed: int, steps: int, interval: int | None) -> dict:
 @pytest.fixture(scope="module")
 def execute():
     """Run an API-format prompt through one PromptExecutor; its latent and cached nodes."""
-    with torchvision_stand_ins():
-        import execution
-        import nodes
-    added = {"TinyModel": TinyModel, "TinyConditioning": TinyConditioning, "Keep": Keep}
-    nodes.NODE_CLASS_MAPPINGS.update({**added, **NODE_CLASS_MAPPINGS})
-    executor = execution.PromptExecutor(Server(), cache_args={"ram": 0.0, "lru": 0})
-    count = iter(range(1000))
-
-    def run(prompt: dict) -> tuple[torch.Tensor, list]:
-        prompt_id = str(next(count))
-        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        assert valid[0], valid[1]
-        executor.execute(prompt, prompt_id, {}, valid[2])
-        assert executor.success, executor.status_messages[-1]
-        cached = next(data["nodes"] for event, data in executor.status_messages
-                      if event == "execution_cached")
-        return Keep.kept[-1], cached
-
-    yield run
-    for name in added:
-        del nodes.NODE_CLASS_MAPPINGS[name]
+    added = {"TinyModel": TinyModel, "TinyConditioning": TinyConditioning}
+    with prompt_executor({**added, **NODE_CLASS_MAPPINGS}) as run:
+        yield run
 
 
 def test_the_executor_runs_the_node_and_reuses_its_model_in_the_next_prompt(execute):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fxprop.calibration.choice import row_errors, verified_choice
 from fxprop.calibration.families import every_n, family_schedules, phase_schedules
 from fxprop.calibration.finalists import Finalist, finalists
+from fxprop.calibration.measure import states
 from fxprop.calibration.optimise import Option, speedup
 from fxprop.calibration.significance import MIN_SAMPLES, paired_gain
 
@@ -126,13 +127,14 @@ def test_row_errors_are_per_sample_relative_errors():
     assert row_errors(found, true) == pytest.approx([0.0, 0.5, 0.0])
 
 
-def _fake_measurement(n=12, max_interval=4):
+def _fake_measurement(n=12, max_interval=4, orders=(0,)):
     """What :func:`finalists` reads of a measurement: one deep cut at a tenth of the UNet's
-    cost, reuse only, every segment measured with an error growing with its length."""
+    cost, every segment measured with an error growing with its length (and predicted larger
+    for a forecast than for reuse)."""
     cut = SimpleNamespace(id=("deep", 0), step_cost=0.1)
-    table = {((k,), j): 0.001 * (j - k) ** 2 * (1 + j / n) for j in range(n)
-             for k in range(max(0, j - max_interval + 1), j)}
-    return SimpleNamespace(num_steps=n, cuts=[cut], orders=(0,), max_interval=max_interval,
+    table = {(state, j): 0.001 * (j - state[0]) ** 2 * (1 + j / n) * len(state)
+             for j in range(n) for state in states(j, orders, max_interval)}
+    return SimpleNamespace(num_steps=n, cuts=[cut], orders=orders, max_interval=max_interval,
                            tables=lambda: {cut.id: table})
 
 
@@ -150,3 +152,14 @@ def test_finalists_are_hand_set_at_or_below_the_cost_and_the_best_of_each_family
     assert all(f.option.speedup >= target * (1 - 1e-9) for f in others)
     assert {f.family.split()[0] for f in others} <= {"fitted", "every+last", "even+last",
                                                       "dense", "phases"}
+
+
+def test_finalists_take_the_forecast_orders_in_turn():
+    """Predictions rank schedules of one order, not across orders: with reuse predicted better
+    throughout, each side still verifies its best forecast schedule."""
+    measurement = _fake_measurement(orders=(0, 1))
+    fitted = [Option(("deep", 0), order, (0, 3, 6, 9), 12, speedup(4, 12, 0.1), 0.05)
+              for order in (0, 1)]
+    hand, others = finalists(measurement, fitted, 2.5, 6)
+    assert [f.option.order for f in hand] == [0, 1]
+    assert {f.option.order for f in others} == {0, 1}

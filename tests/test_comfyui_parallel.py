@@ -2,10 +2,11 @@
 KSampler runs it): a segment's decoder passes in one batched call on the run's sigma grid.
 
 Every test compares parallel mode with sequential encoder propagation in the same state
-(fp32, within 1e-5 of the output's scale), and counts the calls served from a batch, so a silent fall back to sequential
-steps fails. The tiny model's captures are shared by the file: the CFG-batched call (batch 2), its batch
-of two steps (interval 3: the key step runs whole, chunks of two steps follow), and split
-calls (batch 1, whose batch of two steps is the first capture's shape).
+(fp32, within 1e-5 of the output's scale) and counts the calls served from a batch, so a
+silent fall back to sequential steps fails. The tiny model's captures are shared by the file:
+the CFG-batched call (batch 2), its batch of two steps (interval 3: the key step runs whole,
+chunks of two steps follow), and split calls (batch 1, whose batch of two steps is the first
+capture's shape).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def patched(model, parallel: bool, interval: int = 3):
 def served(monkeypatch) -> list:
     """One entry per call whose output was taken from a batch."""
     taken, real = [], GridChunk.take
-    monkeypatch.setattr(GridChunk, "take", lambda self, step: taken.append(step) or real(self, step))
+    monkeypatch.setattr(GridChunk, "take",
+                        lambda self, step: taken.append(step) or real(self, step))
     return taken
 
 

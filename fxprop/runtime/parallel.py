@@ -20,7 +20,7 @@ hot loop makes no device sync, except under ``torch.inference_mode()`` (see :cla
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 import torch.utils._pytree as pytree
@@ -90,14 +90,18 @@ def map_batched(forward: Callable, call: FlatCall,
 
 
 def repeated_call(forward: Callable, call: FlatCall, times: int, timestep_index: int,
-                  timesteps: torch.Tensor) -> FlatCall:
-    """``call`` with every batched leaf repeated ``times`` times and the timestep vector.
+                  timesteps: torch.Tensor, unread: Collection[int] = ()) -> FlatCall:
+    """``call`` with every batched leaf repeated ``times`` times and the timestep vector;
+    leaves ``unread`` (which no part of its graph reads) are left as they are, so a call that
+    carries one (ComfyUI's sigma) may share a capture with a call of the larger batch.
 
     Built through :func:`flatten_call`, so its key is the one a real call at that batch has.
     """
     batch = call.tensors[0].shape[0]
-    tensors = iter(batched_inputs(call, range(len(call.tensors)), batch, times,
-                                  timestep_index, timesteps))
+    read = [i for i in range(len(call.tensors)) if i not in unread]
+    repeated = dict(zip(read, batched_inputs(call, read, batch, times, timestep_index,
+                                             timesteps)))
+    tensors = iter(repeated.get(i, x) for i, x in enumerate(call.tensors))
     leaves = [next(tensors) if leaf is TENSOR else leaf for leaf in call.template]
     return flatten_call(forward, (), pytree.tree_unflatten(leaves, call.spec))
 
@@ -159,10 +163,12 @@ class Inputs:
     copies: tuple[torch.Tensor | None, ...]
 
     @classmethod
-    def of(cls, call: FlatCall, indices: Any) -> "Inputs":
+    def of(cls, call: FlatCall, indices: Any, by_value: bool = False) -> "Inputs":
+        """``by_value``: compare every input by value (a loop that builds its conditioning
+        anew at every call, as ComfyUI's does)."""
         tensors = tuple(call.tensors[i] for i in indices)
         return cls(tuple(indices), tensors, tuple(_version(x) for x in tensors),
-                   tuple(x.clone() if x.is_inference() else None for x in tensors))
+                   tuple(x.clone() if by_value or x.is_inference() else None for x in tensors))
 
     def same_as(self, call: FlatCall) -> bool:
         for i, ref, version, copy in zip(self.indices, self.tensors, self.versions, self.copies):

@@ -1,5 +1,5 @@
 """A ComfyUI diffusion-model call as fxprop's runtime sees it: what keys its capture, what keys
-its frontiers, and which sigma it carries.
+its frontiers, which sigma it carries, and the forward it calls.
 
 ComfyUI calls ``diffusion_model(x, timesteps, context=, y=, control=, transformer_options=,
 **kwargs)``. ``transformer_options`` holds, beside what the UNet reads (``patches``,
@@ -45,6 +45,7 @@ class ComfyCall:
     slot: Hashable
     sigma: torch.Tensor | None
     options: dict
+    forward: Callable | None = None   # the UNet's ``_forward`` it calls
 
     @property
     def key(self) -> Hashable:
@@ -72,7 +73,7 @@ def comfy_call(forward: Callable, args: tuple, kwargs: dict) -> ComfyCall:
     flat = flatten_call(forward, bound.args, bound.kwargs)
     sigma = options.get("sigmas")
     return ComfyCall(flat, (flat.key, chunk), sigma if isinstance(sigma, torch.Tensor) else None,
-                     options)
+                     options, forward)
 
 
 def attention_patches(options: dict) -> list[str]:

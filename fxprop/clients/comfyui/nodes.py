@@ -90,7 +90,11 @@ class FxpropEncoderPropagation(_FxpropNode):
     reuse = "encoder"
     own = {"prior_noise": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.1, "step": 0.001,
                                      "tooltip": "weight of the initial noise added to the UNet "
-                                                "input at steps with t < T/2 (paper: 0.003)"})}
+                                                "input at steps with t < T/2 (paper: 0.003)"}),
+           "parallel": ("BOOLEAN", {"default": False,
+                                    "tooltip": "run the decoder of a segment's steps as one "
+                                               "batched call (same output; faster where a "
+                                               "batch is cheaper than its calls)"})}
     DESCRIPTION = "fxprop: encoder propagation (Faster Diffusion) as a cut of the captured UNet."
 
 

@@ -45,6 +45,7 @@ from ...runtime.generation import Generation
 from ...runtime.intercept import NOT_PLANNED, check_hooks
 from .calls import ComfyCall, attention_patches, comfy_call
 from .control import unserved, whole_step_call
+from .parallel import ComfyParallel, comfy_timestep_of
 
 __all__ = ["ComfyRunner", "lowvram_reason"]
 
@@ -80,14 +81,15 @@ class RunState(FollowState):
     control: Any = None                     # its ControlNet residuals (control.RunControls)
 
 
-class ComfyRunner(PlanFollower):
+class ComfyRunner(ComfyParallel, PlanFollower):
     """A policy's runtime for ComfyUI sampler runs (see the module docstring).
 
     ``start_percent`` / ``end_percent``: steps whose sigma lies before ``start_percent`` or
     after ``end_percent`` of the model's sampling range (ComfyUI's ``percent_to_sigma``) are all
     key steps. ``prior_noise`` of the policy is added to the UNet input at the plan's
     ``inject`` steps as ``prior_noise * noise`` (the run's unit noise; ComfyUI's samplers own
-    the latent, which is left as it is).
+    the latent, which is left as it is). With the policy's ``parallel``, each segment's
+    decoder passes run as one batched call (:mod:`fxprop.clients.comfyui.parallel`).
     """
 
     def __init__(self, policy: Policy, start_percent: float = 0.0, end_percent: float = 1.0,
@@ -96,9 +98,6 @@ class ComfyRunner(PlanFollower):
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got "
                              f"{start_percent} and {end_percent}")
-        if policy.batches:
-            raise ValueError("parallel mode is not available in ComfyUI (its samplers may call "
-                             "the model several times per step): use parallel=False")
         self.policy = policy
         self.percents = (start_percent, end_percent)
         self.compile_options = compile_options(compile)
@@ -130,7 +129,8 @@ class ComfyRunner(PlanFollower):
             train = getattr(sampling, "sigmas", None)
             plan = self.set_grid(sigmas.float().cpu(), timesteps,
                                  len(train) if isinstance(train, torch.Tensor) else None,
-                                 by="sigma", policy=self.run_policy(sigmas, sampling))
+                                 by="sigma", policy=self.run_policy(sigmas, sampling),
+                                 timestep_of=comfy_timestep_of(sampling))
         except ValueError as err:
             self._refuse(f"cannot plan this run: {err}")
             return None

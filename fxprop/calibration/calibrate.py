@@ -60,12 +60,12 @@ def _check_settings(calls: Any, orders: Sequence[int], max_interval: Any) -> Non
 
 def calibrate(target: Any, calls: Sequence[Any], num_inference_steps: int | None = None, *,
               target_speedup: float | None = None, max_error: float | None = None,
-              verify: int = 6, **settings: Any) -> Calibration:
+              verify: int = 4, **settings: Any) -> Calibration:
     """Measure every cut and forecast order on plain generations (:func:`measure`, which takes
     ``settings``) and choose the schedule of least final error at ``target_speedup``
     (FLOP-ideal), or the fastest within ``max_error`` (predicted relative error of the final
-    sample). ``verify``: finalists run accelerated on held-out noise to choose among (0: the
-    least predicted error); a fitted schedule replaces the best hand-set one only where the
+    sample). ``verify``: fitted finalists run accelerated on held-out noise, beside the best hand-set
+    schedule of each cut and order, to choose among (0: the least predicted error); a fitted schedule replaces the best hand-set one only where the
     held-out samples say it is better at 95% confidence (``Calibration.verdict``)."""
     check_budget(target_speedup, max_error)
     measured = measure(target, calls, num_inference_steps, min_speedup=target_speedup,

@@ -68,11 +68,12 @@ def _make(measurement: Measurement, chosen: Option, budget: dict, best: list[Opt
 
 
 def choose_calibration(measurement: Measurement, target_speedup: float | None = None,
-                       max_error: float | None = None, verify: int = 6,
+                       max_error: float | None = None, verify: int = 4,
                        confidence: float = 0.95) -> Calibration:
-    """The schedule for one budget: at ``target_speedup``, the verified choice among
-    ``verify`` finalists (:func:`verified_choice`; 0: the least predicted error); within
-    ``max_error``, the fastest predicted."""
+    """The schedule for one budget: at ``target_speedup``, the verified choice among ``verify``
+    fitted finalists and the best hand-set schedule of each cut and order
+    (:func:`verified_choice`; 0: the least predicted error); within ``max_error``, the fastest
+    predicted."""
     check_budget(target_speedup, max_error)
     budget = dict(target_speedup=target_speedup, max_error=max_error)
     found, best = _candidates(measurement, budget)

@@ -143,7 +143,7 @@ def _runs(model: Any, sampling: ComfySampling, callback: Any) -> Any:
 
 def calibrate_comfy(model: Any, sampling: ComfySampling, seeds: Sequence[int], *,
                     target_speedup: float | None = None, max_error: float | None = None,
-                    verify: int = 6, **settings: Any) -> Calibration:
+                    verify: int = 4, **settings: Any) -> Calibration:
     """Calibrate ComfyUI ``model`` (a ModelPatcher) on plain runs of ``sampling`` from
     ``seeds``: :func:`fxprop.calibrate` with its budget (``target_speedup`` or ``max_error``),
     ``verify`` and measurement ``settings`` (``probes``, ``max_interval``, ``orders`` ...)."""

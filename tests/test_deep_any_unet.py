@@ -35,6 +35,7 @@ def assert_steps_differ(actual: list, expected: list, more_than: float = 1e-4) -
     assert worst > more_than, f"reuse changed nothing ({worst:.2g}): random weights must matter"
 
 
+@torch.no_grad()  # the grad mode is part of a capture's state: the generations run without
 def captured_of(model: Model, unet: nn.Module):
     """The captured graph of ``model``'s call, taken from the UNet's capture cache: the runtimes
     the tests make next (``check_model``, ``sparse_generation``) reuse it, one capture a UNet."""

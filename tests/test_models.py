@@ -270,6 +270,15 @@ def check_model(model: Model, unet: nn.Module, timesteps: torch.Tensor = TIMESTE
     return Check(split_error, generation_error, captured)
 
 
+@torch.no_grad()
+def parts_of(acc, model: Model, unet: nn.Module) -> tuple:
+    """Captured graph and parts of ``model``'s call, from the UNet's capture cache: without
+    grad, as the generations run (the grad mode is part of a capture's state, so a call with
+    grad would capture the UNet again)."""
+    x, args, kwargs = model.call()
+    return acc.parts_for(flatten_call(unet.forward, (x, TIMESTEPS[0], *args), kwargs))
+
+
 def sparse_generation(model: Model, unet: nn.Module, keys: list[int],
                       timesteps: torch.Tensor = TIMESTEPS, **options: Any) -> list:
     """A generation with key steps ``keys`` that must not fall back to the whole UNet."""
@@ -309,8 +318,7 @@ def test_non_key_steps_never_read_the_latent(name):
     unet = unet_of(model)
     acc = accelerate(unet, model.regions, key_steps=keys)
     sparse = sparse_generation(model, unet, keys)
-    x, args, kwargs = model.call()
-    captured, parts = acc.parts_for(flatten_call(unet.forward, (x, TIMESTEPS[0], *args), kwargs))
+    captured, parts = parts_of(acc, model, unet)
     step_inputs = [n.name for n in placeholders(parts.step.graph)]
     assert placeholders(captured.graph)[0].name not in step_inputs and 0 not in parts.step_inputs
     garbage = generate(model, acc, feed=lambda i, x: x if i in keys else torch.full_like(x, 7.0))
@@ -321,9 +329,7 @@ def test_non_key_steps_never_read_the_latent(name):
 def test_ldm_is_found_by_name_and_caches_the_encoder():
     unet = unet_of(MODELS[LDM_SD1])
     assert resolve_layout(unet).name == "ldm"
-    acc = accelerate(unet, key_steps=1)
-    x, args, kwargs = MODELS[LDM_SD1].call()
-    _, parts = acc.parts_for(flatten_call(unet.forward, (x, TIMESTEPS[0], *args), kwargs))
+    _, parts = parts_of(accelerate(unet, key_steps=1), MODELS[LDM_SD1], unet)
     paths = {module_path(n).split(".")[0] for n in parts.step.graph.nodes
              if n.op != "placeholder"}
     assert {"output_blocks", "out", "time_embed"} <= paths

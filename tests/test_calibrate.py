@@ -185,7 +185,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def calibration(digits):
-    return calibrate(digits, [_call(0)], STEPS, target_speedup=1.6, orders=(0, 1),
+    return calibrate(digits, [_call(0)], STEPS, target_speedup=1.6, orders=(0, 1), verify=1,
                      max_interval=3, progress=False)
 
 

@@ -171,10 +171,10 @@ def test_calibrate_node_on_a_lora_model_saves_a_calibration_for_it(model, tmp_pa
     patched, summary = node.calibrate(
         lora, conditioning(1), conditioning(2), {"samples": torch.zeros(SHAPE)}, seed=7, runs=1,
         steps=4, cfg=CFG, sampler_name="euler", scheduler="normal", denoise=1.0,
-        target_speedup=1.2, filename=str(tmp_path / "lora.json"), held_out=2)
+        target_speedup=1.2, filename=str(tmp_path / "lora.json"), held_out=1)
     saved = Calibration.load(tmp_path / "lora.json")
     assert str(saved) == summary and saved.scheduler == "ComfyUI sample_euler"
-    assert saved.verdict["samples"] == 2   # one run, two held-out seeds, a batch of 1
+    assert saved.verdict["samples"] == 1   # one run, one held-out seed, a batch of 1
     sample(patched, 1, steps=4)  # follows it without a fallback warning
     with pytest.raises(ValueError, match="other weights"):
         sample(patch_model(model, CalibratedRunner(saved)), 1, steps=4)

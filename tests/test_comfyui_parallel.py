@@ -87,11 +87,11 @@ def check(model, served, caplog, sampler, scheduler, batched, **run) -> torch.Te
 
 # Heun's second call lands on the next grid point: served too (two calls a step); DPM2's
 # midpoints run their decoder alone, said in one log line. ComfyUI's ddim is its euler on
-# another grid and uni_pc a multistep sampler like dpmpp_2m: both left out for CI's time
+# another grid, uni_pc a multistep sampler like dpmpp_2m, euler_ancestral euler's calls with
+# noise added outside the model: left out for CI's time
 @pytest.mark.parametrize("sampler, scheduler, batched", [
     ("euler", "normal", BATCHED), ("heun", "karras", 2 * BATCHED),
     ("dpm_2", "karras", BATCHED), ("dpmpp_2m", "exponential", BATCHED),
-    pytest.param("euler_ancestral", "normal", BATCHED, marks=pytest.mark.slow),
     pytest.param("lcm", "sgm_uniform", BATCHED, marks=pytest.mark.slow)])
 def test_parallel_equals_sequential(model, served, caplog, sampler, scheduler, batched):
     out = check(model, served, caplog, sampler, scheduler, batched)

@@ -288,7 +288,7 @@ def parallel():
 #: calls served from a batch with key steps [0, 3] and chunks of two steps (1-2, 4-5; step 6
 #: alone): Heun's second calls land on the next grid point and are served too, DPM2's
 #: midpoints run their decoder alone
-SERVED = {"euler": 4, "heun": 8, "dpm_2": 4, "dpmpp_2m": 4}
+SERVED = {"euler": 4, "heun": 8, "dpm_2": 4}   # dpmpp_2m: in test_comfyui_parallel.py
 
 
 @pytest.mark.parametrize("name", sorted(SERVED))

@@ -19,7 +19,7 @@ from fxprop.graph.split import check_split, split
 from fxprop.graph.capture import flatten_call
 from test_models import TIMESTEPS, Model, check_model
 
-SETTINGS = settings(max_examples=6, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=4, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 CONTEXT = 16
 

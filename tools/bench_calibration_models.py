@@ -35,8 +35,9 @@ import torch  # noqa: E402
 
 import bench_models  # noqa: E402
 from fxprop.calibration.calibrate import measure  # noqa: E402
-from fxprop.calibration.choice import choose_calibration, row_errors  # noqa: E402
+from fxprop.calibration.choice import choose_calibration, final_errors  # noqa: E402
 from fxprop.calibration.families import every_n  # noqa: E402
+from fxprop.calibration.optimise import Option  # noqa: E402
 from fxprop.calibration.propagation import final_of  # noqa: E402
 from fxprop.calibration.significance import paired_gain  # noqa: E402
 from fxprop.calibration.sources import Source  # noqa: E402
@@ -84,19 +85,16 @@ def model_case(name: str) -> tuple[Source, list, list]:
 
 
 def scorer(measured, held: list):
-    """``score(cut, order, keys)``: per-sample relative errors of the policy on ``held``."""
-    finals = [final_of(run, measured.scheduler).double() for run in held]
+    """``score(cut, order, keys)``: per-sample relative errors of the policy on ``held``
+    (``choice.final_errors`` against plain finals computed once)."""
+    replays = [(run, final_of(run, measured.scheduler).double()) for run in held]
 
     def score(cut, order, keys) -> list[float]:
-        errors = []
-        for run, final in zip(held, finals):
-            forward = measured.accelerated(cut, order, keys)
-            found = final_of(run, measured.scheduler, measured.unet, forward).double()
-            errors += row_errors(found, final)
-        return errors
+        return final_errors(measured, Option(cut, order, tuple(keys), measured.num_steps, 0, 0),
+                            replays)
     # a sample's PSNR (peak 2) is its offset minus 20 log10 of its relative error
     score.offsets = [10 * math.log10(4 * f[0].numel() / max(float(r.pow(2).sum()), 1e-30))
-                     for f in finals for r in f]
+                     for _, f in replays for r in f]
     return score
 
 

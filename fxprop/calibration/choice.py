@@ -26,7 +26,7 @@ from .optimise import Option, check_budget, choose, options, state_after
 from .propagation import final_of
 from .significance import mean_db, paired_gain, rms
 
-__all__ = ["choose_calibration", "verified_choice", "error_curve"]
+__all__ = ["choose_calibration", "verified_choice", "final_errors", "row_errors", "error_curve"]
 
 
 def _rms(option: Option) -> Option:
@@ -82,7 +82,7 @@ def choose_calibration(measurement: Measurement, target_speedup: float | None = 
         return _make(measurement, chosen, budget, best)
     hand, fitted = finalists(measurement, best, target_speedup, verify)
     runs = [*hand, *fitted]
-    errors = {f: _final_errors(measurement, f.option) for f in tqdm(
+    errors = {f: final_errors(measurement, f.option) for f in tqdm(
         runs, desc="fxprop verify", unit="schedule", disable=not measurement.progress)}
     pick, verdict = verified_choice(errors, hand, confidence)
     return _make(measurement, pick.option, budget, best, verified=rms(errors[pick]),
@@ -122,11 +122,13 @@ def _verdict(pick: Finalist, rival: Finalist | None, errors: dict, confidence: f
             "interval_db": [round(gain.low, 3), round(gain.high, 3)]}
 
 
-def _final_errors(measurement: Measurement, option: Option) -> list[float]:
-    """Relative error of each final sample (each row of each held-out call's batch) run
-    accelerated with ``option``: the paired samples verification decides on."""
+def final_errors(measurement: Measurement, option: Option,
+                 replays: Sequence[tuple] | None = None) -> list[float]:
+    """Relative error of each final sample (each row of each call's batch) run accelerated
+    with ``option``, against the plain finals of ``replays`` (``(run, final)`` pairs; default
+    the measurement's held-out calls): the paired samples verification decides on."""
     errors = []
-    for run, final in measurement.replays:
+    for run, final in measurement.replays if replays is None else replays:
         forward = measurement.accelerated(option.cut, option.order, option.key_steps)
         found = final_of(run, measurement.scheduler, measurement.unet, forward).double()
         errors += row_errors(found, final.double())

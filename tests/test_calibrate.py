@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 import fxprop
 from conftest import decoder_attn_unet, make_scheduler, sample_of
-from fxprop.calibration.calibrate import calibrate
+from fxprop.calibration.calibrate import MAX_INTERVAL, calibrate, longest_segment
 from fxprop.calibration.data import FORMAT_VERSION, Calibration
 from fxprop.calibration.measure import output_errors, states
 from fxprop.calibration.optimise import (check_budget, choose, options, pareto,
@@ -100,6 +101,17 @@ def test_unreachable_budgets_say_what_is_reachable():
         choose(found, target_speedup=9)
     with pytest.raises(ValueError, match=r"max_error=0.0.*least .* error .* is 0\.1 "):
         choose([o for o in found if o.error > 0], max_error=0.0)
+
+
+def test_segments_are_as_long_as_the_target_needs_with_room_to_place_key_steps():
+    """max_interval=None measures 5-step segments, longer where no cut reaches the target
+    with them: at 6x a cut costing 12% of a step needs 2 key steps of 50 (every 25th), and
+    gets half as long again to place them."""
+    cuts = [SimpleNamespace(step_cost=0.62), SimpleNamespace(step_cost=0.118)]
+    assert longest_segment(None, 50, cuts) == longest_segment(2.0, 50, cuts) == MAX_INTERVAL
+    assert longest_segment(6.0, 50, cuts) == 38    # 1.5 x 25
+    assert longest_segment(4.0, 50, cuts) == 12    # every 8th: 7 key steps, 4.14x
+    assert longest_segment(9.0, 50, cuts) == 50    # none reaches: measure every segment
 
 
 # -- Calibration as data ---------------------------------------------------------------------

@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxprop.calibration.choice import row_errors, verified_choice
+from fxprop.calibration.choice import race, row_errors, verified_choice
 from fxprop.calibration.families import every_n, family_schedules, phase_schedules
-from fxprop.calibration.finalists import Finalist, finalists
+from fxprop.calibration.finalists import HAND_SET_PER_CUT, NEAR_RATIO, Finalist, finalists
 from fxprop.calibration.measure import states
 from fxprop.calibration.optimise import Option, speedup
 from fxprop.calibration.significance import MIN_SAMPLES, paired_gain
@@ -120,6 +120,32 @@ def test_without_hand_set_finalists_the_nearest_is_chosen():
     assert pick == b and verdict == {}
 
 
+def test_the_race_stops_only_finalists_significantly_worse_than_the_leader():
+    """Verification runs held-out call by call; a finalist clearly behind the leader after a
+    call runs no further, the best of each side always does, and each survivor has every
+    call's samples."""
+    every3, every4 = _finalist((0, 3, 6, 9), "every"), _finalist((0, 4, 8), "every")
+    fitted, near = _finalist((0, 2, 5, 11), "fitted"), _finalist((0, 2, 6, 11), "phases")
+    far = _finalist((0, 5, 11), "dense ends")
+    scale = {every3: 0.02, every4: 0.05, fitted: 0.01, near: 0.01, far: 0.04}
+    order = list(scale)
+    ran = []
+
+    def score(finalist, stage):
+        ran.append((finalist, stage))
+        return _errors(scale[finalist], wobble=0.2, seed=10 * stage + order.index(finalist),
+                       count=10)
+
+    errors = race([every3, every4, fitted, near, far], [0, 1, 2], score, progress=False)
+    assert set(errors) == {every3, fitted, near}   # best hand-set, leader, and a close one
+    assert all(len(e) == 30 for e in errors.values())
+    assert sorted(f.family for f, stage in ran if stage == 0) == sorted(
+        f.family for f in scale)
+    assert {f for f, stage in ran if stage > 0} == {every3, fitted, near}
+    # with too few samples to tell, no one is stopped
+    assert len(race(list(scale), [0, 1], lambda f, s: score(f, s)[:3], progress=False)) == 5
+
+
 def test_row_errors_are_per_sample_relative_errors():
     true = torch.ones(3, 2, 2)
     found = true.clone()
@@ -142,7 +168,9 @@ def test_finalists_are_hand_set_at_or_below_the_cost_and_the_best_of_each_family
     measurement, target = _fake_measurement(), 2.5
     fitted = [Option(("deep", 0), 0, (0, 3, 6, 9), 12, speedup(4, 12, 0.1), 0.05)]
     hand, others = finalists(measurement, fitted, target, 4)
-    assert len(hand) == 1 and len(others) <= 4   # one cut, one order: one hand-set finalist
+    assert 1 <= len(hand) <= HAND_SET_PER_CUT and len(others) <= 4   # one cut, one order
+    best = min(f.option.error for f in hand)
+    assert all(f.option.error <= best * NEAR_RATIO for f in hand)
     for f in hand:
         assert f.hand_set and f.option.speedup >= target
         gap = f.option.key_steps[1]
@@ -152,6 +180,19 @@ def test_finalists_are_hand_set_at_or_below_the_cost_and_the_best_of_each_family
     assert all(f.option.speedup >= target * (1 - 1e-9) for f in others)
     assert {f.family.split()[0] for f in others} <= {"fitted", "every+last", "even+last",
                                                       "dense", "phases"}
+
+
+def test_hand_set_schedules_the_tables_cannot_tell_apart_are_all_verified():
+    """At long segments every-N-th schedules of one cost differ by less than the tables can
+    tell (every 17th and 19th step at 6x on the digits model): up to HAND_SET_PER_CUT of
+    those predicted within NEAR_RATIO of the best run, not the ones predicted far worse."""
+    measurement = _fake_measurement(n=30, max_interval=30)
+    flat = {key: 0.01 for key in measurement.tables()[("deep", 0)]}
+    flat.update({((0,), j): 1.0 for j in range(1, 30)})   # every 30th, alone: far worse
+    measurement.tables = lambda: {("deep", 0): flat}
+    hand, _ = finalists(measurement, [], 5.0, 1)
+    assert len(hand) == HAND_SET_PER_CUT
+    assert all(len(f.option.key_steps) > 1 for f in hand)
 
 
 def test_finalists_take_the_forecast_orders_in_turn():

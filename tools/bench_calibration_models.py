@@ -17,7 +17,8 @@ calibrated schedule, the best hand-set policy at or below its FLOPs (speedup >= 
 calibrated one's), the paired gain in dB with its 95% bootstrap interval, and the verdict:
 ``above`` (interval above 0), ``tie`` (interval holds 0), ``BELOW`` (interval below 0). Also
 the optimiser's schedule alone (``verify=0``) as the choice without verification, and at 4x the
-best hand-set policy at 2.5x. Minutes per model on 2 CPU cores.
+best hand-set policy at 2.5x; and every N-th step of the DeepCache node's defaults (branch 0,
+forecast 1) with and without the last step as a key step. Minutes per model on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def scorer(measured, held: list):
     return score
 
 
-def hand_set(measured, max_interval: int) -> dict:
-    """name -> (cut, order, keys, FLOP-ideal speedup) of every hand-set policy."""
+def hand_set(measured, max_interval: int, floor: float = 1.0) -> dict:
+    """name -> (cut, order, keys, FLOP-ideal speedup) of every hand-set policy at ``floor``
+    FLOP-ideal speedup or faster (the slower ones are compared with no target)."""
     out, n = {}, measured.num_steps
     for cut in measured.cuts:
         label = "encoder" if cut.reuse == "encoder" else f"deep b{cut.branch}"
@@ -107,7 +109,7 @@ def hand_set(measured, max_interval: int) -> dict:
             for interval in range(2, max_interval + 1):
                 keys = every_n(n, interval)
                 found = measured.predict(cut.reuse, cut.branch, order, keys)
-                if found is not None:
+                if found is not None and found[0] >= floor * (1 - 1e-9):
                     out[f"{label} N={interval} f{order}"] = (cut.id, order, keys, found[0])
     return out
 
@@ -151,40 +153,98 @@ def compare(name: str, found: tuple, hands: dict, scored: dict, offsets: list) -
     return verdict, mine
 
 
+def _without_early_stop(measured, target: float, verify: int, chosen) -> str:
+    """The same choice with every finalist verified on every held-out call: its time, and
+    whether it picks the same schedule (the early stop's evidence)."""
+    start = time.perf_counter()
+    full = choose_calibration(measured, target_speedup=target, verify=verify, early_stop=False)
+    same = (full.reuse, full.branch, full.forecast, full.key_steps) == (
+        chosen.reuse, chosen.branch, chosen.forecast, chosen.key_steps)
+    return (f"; without early stop {time.perf_counter() - start:.1f} s, "
+            f"{'same pick' if same else 'OTHER PICK: '}"
+            + ("" if same else f"{len(full.key_steps)} keys, b{full.branch} f{full.forecast}"))
+
+
+def last_step(measured, score, hands: dict, scored: dict) -> None:
+    """Every N-th step with and without the last step as a key step, deep branch 0 and a
+    linear forecast (the DeepCache node's defaults): the evidence for or against a key step
+    at the end by default."""
+    n = measured.num_steps
+    for name, (cut, order, keys, speed) in hands.items():
+        if cut != ("deep", 0) or order != 1 or keys[-1] == n - 1:
+            continue
+        more = (*keys, n - 1)
+        found = measured.predict(cut[0], cut[1], order, more)
+        if found is None:
+            continue
+        plus = score(cut, order, more)
+        gain = paired_gain(plus, scored[cut, order, keys])
+        print(f"  {name:<18} {speed:.2f}x {psnr(scored[cut, order, keys], score.offsets):6.2f} dB"
+              f"  + last step {found[0]:.2f}x {psnr(plus, score.offsets):6.2f} dB: "
+              f"{gain.mean:+.2f} dB [{gain.low:+.2f}, {gain.high:+.2f}]")
+
+
 def run_model(name: str, args) -> list[tuple]:
-    """Calibrate ``name``, score every policy, print the table; return its verdict rows."""
+    """Calibrate ``name``, score every policy, print the table; return its verdict rows. The
+    targets no schedule reaches with segments of ``--max-interval`` are measured again as a
+    user's calibration at that target would be (``max_interval=None``: segments as long as it
+    needs)."""
     torch.manual_seed(0)
     source, calls, held = model_case(name)
+    floor = min([*args.targets, *([2.5] if 4.0 in args.targets else [])])
+    rows, later = _targets(name, (source, calls, held), args.targets, args.max_interval,
+                           floor, args)
+    for target in later:
+        rows += _targets(name, (source, calls, held), [target], None, target, args)[0]
+    return rows
+
+
+def _targets(name: str, case: tuple, targets: list[float], max_interval: int | None,
+             floor: float, args) -> tuple[list[tuple], list[float]]:
+    """One measurement, the calibrated choice at each of ``targets`` against every hand-set
+    policy at ``floor`` or faster: ``(verdict rows, targets not reached)``."""
+    source, calls, held = case
     start = time.perf_counter()
-    measured = measure(source, calls, orders=(0, 1), max_interval=args.max_interval,
-                       min_speedup=min(args.targets), progress=False)
-    print(f"\n== {name}: measured in {time.perf_counter() - start:.0f} s; cuts "
-          + ", ".join(f"{c.reuse} {c.branch} (step cost {c.step_cost:.3f})"
-                      for c in measured.cuts))
-    score, hands = scorer(measured, held), hand_set(measured, args.max_interval)
+    try:
+        measured = measure(source, calls, orders=(0, 1), max_interval=max_interval,
+                           min_speedup=min(targets), progress=False)
+    except ValueError as err:   # no cut reaches min(targets) with these segments
+        print(f"\n== {name}, segments up to {max_interval}: {err}")
+        return [], list(targets)
+    print(f"\n== {name}: measured in {time.perf_counter() - start:.0f} s, segments up to "
+          f"{measured.max_interval}; cuts " + ", ".join(
+              f"{c.reuse} {c.branch} (step cost {c.step_cost:.3f})" for c in measured.cuts))
+    score, hands = scorer(measured, held), hand_set(measured, measured.max_interval, floor)
     scored = {v[:3]: score(*v[:3]) for v in hands.values()}
     print(f"  {len(hands)} hand-set policies on {len(next(iter(scored.values())))} held-out "
           f"samples ({time.perf_counter() - start:.0f} s)")
-    rows, best_at = [], {}
-    for target in args.targets:
+    rows, best_at, missing = [], {}, []
+    for target in targets:
         for verify, label in ((args.verify, f"calibrated {target}x"),
                               (0, f"optimiser only {target}x")):
             t0 = time.perf_counter()
             found = calibrated(measured, target, verify)
             if found is None:
+                missing += [target] if verify else []
                 break
             took = time.perf_counter() - t0
             scored.setdefault(found[:3], score(*found[:3]))
             verdict, mine = compare(label, found, hands, scored, score.offsets)
             if verify:
-                print(f"      chosen in {took:.1f} s")
+                print(f"      chosen in {took:.1f} s" + _without_early_stop(
+                    measured, target, verify, found[4]))
                 rows.append((name, target, verdict))
                 best_at[target] = mine
+    if args.last_step and max_interval is not None:
+        last_step(measured, score, hands, scored)
+    if args.mixed and max_interval is not None:
+        import mixed_cuts
+        mixed_cuts.report(measured, targets)
     if 4.0 in best_at:
         at25 = [psnr(scored[v[:3]], score.offsets) for v in hands.values() if v[3] >= 2.5]
         print(f"  4x calibrated {best_at[4.0]:.2f} dB; best hand-set at >= 2.5x "
               f"{max(at25):.2f} dB")
-    return rows
+    return rows, missing
 
 
 def main(argv=None) -> int:
@@ -194,6 +254,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-interval", type=int, default=10)
     parser.add_argument("--verify", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mixed", action="store_true",
+                        help="also predict a cut and order per segment (tools/mixed_cuts.py)")
+    parser.add_argument("--no-last-step", dest="last_step", action="store_false",
+                        help="skip every N-th step with and without a key step at the end")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [row for name in args.models for row in run_model(name, args)]

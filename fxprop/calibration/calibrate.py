@@ -25,11 +25,14 @@ from ..plan.forecast import check_forecast
 from .choice import choose_calibration
 from .data import Calibration
 from .measure import Measurement
-from .optimise import check_budget, check_speedup_target, speedup
+from .optimise import check_budget, check_speedup_target, most_keys, speedup
 from .propagation import final_of, gains, probe_steps, record
 from .sources import Source, source_of
 
-__all__ = ["calibrate", "measure"]
+__all__ = ["calibrate", "measure", "longest_segment", "MAX_INTERVAL"]
+
+#: The longest segment measured unless a target needs longer ones (``max_interval=None``).
+MAX_INTERVAL = 5
 
 
 def _flat_generation(source: Source, recorded: list, index: int) -> list[FlatCall]:
@@ -53,9 +56,10 @@ def _check_settings(calls: Any, orders: Sequence[int], max_interval: Any) -> Non
                          f"sampling loops for a bare UNet), got {calls!r}")
     if not orders or any(check_forecast(o) is None for o in orders):
         raise ValueError(f"orders must be a non-empty list of forecast orders, got {orders!r}")
-    if isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < 2:
-        raise ValueError(f"max_interval (the longest segment measured) must be an int >= 2, "
-                         f"got {max_interval!r}")
+    if max_interval is not None and (isinstance(max_interval, bool) or not isinstance(
+            max_interval, int) or max_interval < 2):
+        raise ValueError(f"max_interval (the longest segment measured) must be an int >= 2 or "
+                         f"None, got {max_interval!r}")
 
 
 def calibrate(target: Any, calls: Sequence[Any], num_inference_steps: int | None = None, *,
@@ -75,7 +79,8 @@ def calibrate(target: Any, calls: Sequence[Any], num_inference_steps: int | None
 
 
 def measure(target: Any, calls: Sequence[Any], num_inference_steps: int | None = None, *,
-            scheduler: Any = None, orders: Sequence[int] = (0, 1), max_interval: int = 5,
+            scheduler: Any = None, orders: Sequence[int] = (0, 1),
+            max_interval: int | None = None,
             probes: int = 8, samples: int | None = 4, max_rows: int = 128,
             min_speedup: float | None = None, held_out: int = 1,
             progress: bool = True) -> Measurement:
@@ -90,7 +95,10 @@ def measure(target: Any, calls: Sequence[Any], num_inference_steps: int | None =
             their generators.
         num_inference_steps: passed to every pipeline call (``None``: the calls' own).
         orders: forecast orders to consider (0 reuse, 1 linear, 2 quadratic).
-        max_interval: the longest segment (key step to next key step) measured.
+        max_interval: the longest segment (key step to next key step) measured (``None``:
+            5, or longer where ``min_speedup`` needs it: :func:`longest_segment`, 38 at 6x
+            on a UNet whose deepest branch costs 12% of a step; order-1 tables grow with its
+            square).
         probes: steps whose gain to the final sample is measured, shared out among the calls
             (each costs one replay from that step).
         samples: rows of each call's UNet batch the error tables are measured on (``None``:
@@ -176,6 +184,9 @@ def _prepare(source: Source, flat: list[FlatCall], orders: Sequence[int], max_in
     num_steps = len(flat)
     measurement = Measurement(source, flat[0], orders, max_interval, samples, max_rows)
     measurement.num_steps = num_steps
+    if max_interval is None:
+        max_interval = longest_segment(target_speedup, num_steps, measurement.cuts)
+        measurement.max_interval = max_interval
     if target_speedup is not None:
         fewest = math.ceil(num_steps / max_interval)
         reach = {c.id: speedup(fewest, num_steps, c.step_cost) for c in measurement.cuts}
@@ -184,4 +195,15 @@ def _prepare(source: Source, flat: list[FlatCall], orders: Sequence[int], max_in
     return measurement
 
 
-
+def longest_segment(target: float | None, num_steps: int, cuts: list) -> int:
+    """:data:`MAX_INTERVAL`, or where no cut reaches ``target`` with segments that long, 1.5
+    times the longest segment of the every-N-th schedule of the most key steps that reach it
+    (room to place them: at exactly that length there is one such schedule); every segment
+    if no cut reaches it (the refusal then names the fastest schedule there is)."""
+    if target is None:
+        return MAX_INTERVAL
+    most = max((most_keys(num_steps, c.step_cost, target) for c in cuts), default=0)
+    if most < 1:
+        return num_steps
+    needed = math.ceil(num_steps / most)
+    return MAX_INTERVAL if needed <= MAX_INTERVAL else min(num_steps, math.ceil(1.5 * needed))

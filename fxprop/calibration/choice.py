@@ -14,7 +14,8 @@ better, not by chance (:mod:`~fxprop.calibration.significance`); the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +27,8 @@ from .optimise import Option, check_budget, choose, options, state_after
 from .propagation import final_of
 from .significance import mean_db, paired_gain, rms
 
-__all__ = ["choose_calibration", "verified_choice", "final_errors", "row_errors", "error_curve"]
+__all__ = ["choose_calibration", "race", "verified_choice", "final_errors", "row_errors",
+           "error_curve"]
 
 
 def _rms(option: Option) -> Option:
@@ -69,11 +71,12 @@ def _make(measurement: Measurement, chosen: Option, budget: dict, best: list[Opt
 
 def choose_calibration(measurement: Measurement, target_speedup: float | None = None,
                        max_error: float | None = None, verify: int = 4,
-                       confidence: float = 0.95) -> Calibration:
+                       confidence: float = 0.95, early_stop: bool = True) -> Calibration:
     """The schedule for one budget: at ``target_speedup``, the verified choice among ``verify``
     fitted finalists and the best hand-set schedule of each cut and order
     (:func:`verified_choice`; 0: the least predicted error); within ``max_error``, the fastest
-    predicted."""
+    predicted. ``early_stop``: verify held-out call by call, stopping the finalists clearly
+    behind (:func:`race`); ``False``: every finalist on every call."""
     check_budget(target_speedup, max_error)
     budget = dict(target_speedup=target_speedup, max_error=max_error)
     found, best = _candidates(measurement, budget)
@@ -81,12 +84,46 @@ def choose_calibration(measurement: Measurement, target_speedup: float | None = 
     if target_speedup is None or verify < 1 or not measurement.replays:
         return _make(measurement, chosen, budget, best)
     hand, fitted = finalists(measurement, best, target_speedup, verify)
-    runs = [*hand, *fitted]
-    errors = {f: final_errors(measurement, f.option) for f in tqdm(
-        runs, desc="fxprop verify", unit="schedule", disable=not measurement.progress)}
-    pick, verdict = verified_choice(errors, hand, confidence)
+    replays = measurement.replays
+    errors = race([*hand, *fitted], [[r] for r in replays] if early_stop else [replays],
+                  lambda f, stage: final_errors(measurement, f.option, stage),
+                  confidence, measurement.progress)
+    pick, verdict = verified_choice(errors, [f for f in hand if f in errors], confidence)
     return _make(measurement, pick.option, budget, best, verified=rms(errors[pick]),
                  verdict=verdict)
+
+
+def race(runs: list[Finalist], stages: Sequence, score: Callable[[Finalist, Any], list[float]],
+         confidence: float = 0.95, progress: bool = True) -> dict[Finalist, list[float]]:
+    """Per-sample errors of the finalists that survive verification, stage by stage (a stage:
+    held-out calls; ``score(finalist, stage)`` runs it there): after each stage but the
+    last, a finalist significantly worse than the leader so far (its paired interval below
+    0) runs no further, unless it is the best hand-set or the best fitted one, which the
+    verdict compares. Verification time goes to the finalists still in question."""
+    errors = {f: [] for f in runs}
+    with tqdm(total=len(runs) * len(stages), desc="fxprop verify", unit="run",
+              disable=not progress) as bar:
+        for index, stage in enumerate(stages):
+            for f in errors:
+                errors[f] += score(f, stage)
+                bar.update()
+            if index < len(stages) - 1:
+                errors = _survivors(errors, confidence)
+                bar.total = bar.n + len(errors) * (len(stages) - index - 1)
+                bar.refresh()
+    return errors
+
+
+def _survivors(errors: dict[Finalist, list[float]], confidence: float
+               ) -> dict[Finalist, list[float]]:
+    """The finalists not significantly worse than the leader, and the best of each side."""
+    leader = min(errors, key=lambda f: mean_db(errors[f]))
+    keep = {leader}
+    for side in (True, False):
+        found = [f for f in errors if f.hand_set == side]
+        keep.update([min(found, key=lambda f: mean_db(errors[f]))] if found else [])
+    return {f: e for f, e in errors.items() if f in keep
+            or not paired_gain(errors[leader], e, confidence).significant}
 
 
 def verified_choice(errors: dict[Finalist, list[float]], hand: list[Finalist],

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
-__all__ = ["State", "ErrorTable", "Option", "check_budget", "check_speedup_target",
+__all__ = ["State", "ErrorTable", "Option", "check_budget", "check_speedup_target", "most_keys",
            "schedule_error", "pareto", "speedup", "options", "choose"]
 
 #: Key steps a non-key step's frontier is made of, most recent first.
@@ -140,6 +140,12 @@ def options(table: ErrorTable, num_steps: int, order: int, cut: tuple,
             out.append(Option(cut, order, found[1], num_steps, speedup(count, num_steps, step_cost),
                               found[0]))
     return out
+
+
+def most_keys(num_steps: int, step_cost: float, target: float) -> int:
+    """The most key steps whose FLOP-ideal speedup still reaches ``target`` (0 if none)."""
+    return max((k for k in range(1, num_steps + 1)
+                if speedup(k, num_steps, step_cost) >= target * (1 - 1e-9)), default=0)
 
 
 def check_speedup_target(target: float, best: float) -> None:

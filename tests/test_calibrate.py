@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 
 import fxprop
 from conftest import decoder_attn_unet, make_scheduler, sample_of
-from fxprop.calibration.calibrate import MAX_INTERVAL, calibrate, longest_segment
+from fxprop.calibration.calibrate import MAX_INTERVAL, calibrate, held_out_for, longest_segment
 from fxprop.calibration.data import FORMAT_VERSION, Calibration
 from fxprop.calibration.measure import output_errors, states
 from fxprop.calibration.optimise import (check_budget, choose, options, pareto,
                                          schedule_error)
+from fxprop.calibration.significance import MIN_SAMPLES
 from fxprop.calibration.sources import other_noise
 
 torch.set_num_threads(1)
@@ -112,6 +113,15 @@ def test_segments_are_as_long_as_the_target_needs_with_room_to_place_key_steps()
     assert longest_segment(6.0, 50, cuts) == 38    # 1.5 x 25
     assert longest_segment(4.0, 50, cuts) == 12    # every 8th: 7 key steps, 4.14x
     assert longest_segment(9.0, 50, cuts) == 50    # none reaches: measure every segment
+
+
+def test_held_out_generations_are_enough_for_a_significant_difference_by_default():
+    """held_out=None: as many plain generations on other noise per call as give the 8 paired
+    samples a fitted schedule needs to be chosen (two calls of one image: 4 each)."""
+    assert held_out_for(torch.zeros(1, 4, 8, 8), 2) == 4
+    assert held_out_for(torch.zeros(1, 4, 8, 8), 1) == MIN_SAMPLES
+    assert held_out_for(torch.zeros(3, 4, 8, 8), 2) == 2
+    assert held_out_for(torch.zeros(10, 4, 8, 8), 2) == 1
 
 
 # -- Calibration as data ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..graph.capture import FlatCall
@@ -27,9 +28,10 @@ from .data import Calibration
 from .measure import Measurement
 from .optimise import check_budget, check_speedup_target, most_keys, speedup
 from .propagation import final_of, gains, probe_steps, record
+from .significance import MIN_SAMPLES
 from .sources import Source, source_of
 
-__all__ = ["calibrate", "measure", "longest_segment", "MAX_INTERVAL"]
+__all__ = ["calibrate", "measure", "held_out_for", "longest_segment", "MAX_INTERVAL"]
 
 #: The longest segment measured unless a target needs longer ones (``max_interval=None``).
 MAX_INTERVAL = 5
@@ -82,7 +84,7 @@ def measure(target: Any, calls: Sequence[Any], num_inference_steps: int | None =
             scheduler: Any = None, orders: Sequence[int] = (0, 1),
             max_interval: int | None = None,
             probes: int = 8, samples: int | None = 4, max_rows: int = 128,
-            min_speedup: float | None = None, held_out: int = 1,
+            min_speedup: float | None = None, held_out: int | None = None,
             progress: bool = True) -> Measurement:
     """The error tables of every cut on the generations of ``calls`` (choose from them with
     :func:`choose_calibration`, once per budget).
@@ -107,20 +109,25 @@ def measure(target: Any, calls: Sequence[Any], num_inference_steps: int | None =
         min_speedup: skip the cuts that cannot reach this FLOP-ideal speedup.
         held_out: plain generations on other noise per call, whose rows verification judges
             finalists on (more: a surer choice, one plain and ``verify`` accelerated
-            generations each).
+            generations each; ``None``: enough for the 8 paired samples a significant
+            difference needs, at least 1: 4 for two calls of one image each).
     """
     _check_settings(calls, orders, max_interval)
-    if isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 1:
+    if held_out is not None and (isinstance(held_out, bool) or not isinstance(held_out, int)
+                                 or held_out < 1):
         raise ValueError(f"held_out (plain generations on other noise per call) must be an int "
-                         f">= 1, got {held_out!r}")
+                         f">= 1 or None, got {held_out!r}")
     source = source_of(target, num_inference_steps, scheduler)
-    measurement = None
+    measurement, count = None, held_out
     with tqdm(desc="fxprop calibrate", unit="step", disable=not progress) as bar:
         for index, call in enumerate(calls):
-            others = _draws(source, call, held_out)  # before any run advances its generators
+            # drawn before any run advances the call's generators
+            others = _draws(source, call, held_out or MIN_SAMPLES)
             run = source.make_run(call)
             rec = record(source.unet, run, source.scheduler)
             flat = _flat_generation(source, rec.calls, index)
+            count = count or held_out_for(rec.final, len(calls))
+            others = others[:count]
             if measurement is None:
                 bar.total = _work(len(flat), len(calls), probes,
                                   held_out=0 if others[0] is call else len(others))
@@ -134,6 +141,13 @@ def measure(target: Any, calls: Sequence[Any], num_inference_steps: int | None =
                 _held_out(measurement, source.make_run(other), bar) for other in others]
             del rec, flat
     return measurement
+
+
+def held_out_for(final: Any, num_calls: int) -> int:
+    """Held-out generations per call for :data:`MIN_SAMPLES` paired samples (a sample is a
+    row of the final batch)."""
+    rows = final.shape[0] if isinstance(final, torch.Tensor) and final.ndim else 1
+    return max(1, math.ceil(MIN_SAMPLES / (rows * num_calls)))
 
 
 def _draws(source: Source, call: Any, count: int) -> list:

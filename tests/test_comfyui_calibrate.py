@@ -35,7 +35,7 @@ from fxprop.plan.policies import make_policy  # noqa: E402
 
 STEPS, CFG, SHAPE = 8, 3.0, (1, 4, 8, 8)
 #: cheap measurement settings (every stacked run at the batch itself: one capture less)
-CHEAP = dict(probes=3, max_interval=3, verify=2, max_rows=2, progress=False)
+CHEAP = dict(probes=3, max_interval=3, verify=2, max_rows=2, held_out=1, progress=False)
 
 
 def sampling(steps: int = STEPS, sampler: str = "euler", scheduler: str = "normal",

@@ -13,7 +13,8 @@ sweep of lambda (the lower convex hull of mixed schedules), beside the exact opt
 predicted error of each, in dB of the final sample's relative error; the mixed schedule's
 cuts, per segment. The tables rank schedules of one cut well, not across cuts (they add a
 reuse segment's correlated errors as independent), so a predicted gain is a reason to verify,
-not a result.
+not a result: ``--verify`` runs each target's best mixed schedule (``Measurement.accelerated``
+with ``segments``) on the held-out calls beside the calibrated choice, with the paired gain.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ import torch  # noqa: E402
 
 from bench_calibration_models import model_case  # noqa: E402
 from fxprop.calibration.calibrate import measure  # noqa: E402
+from fxprop.calibration.choice import choose_calibration, row_errors  # noqa: E402
 from fxprop.calibration.optimise import options, state_after  # noqa: E402
+from fxprop.calibration.propagation import final_of  # noqa: E402
+from fxprop.calibration.significance import mean_db, paired_gain  # noqa: E402
 
 TARGETS = (1.5, 2.0, 2.5, 3.0, 4.0)
 
@@ -78,11 +82,13 @@ def db(error_squared: float) -> float:
 
 def run_model(name: str, args) -> None:
     torch.manual_seed(0)
-    source, calls, _ = model_case(name)
+    source, calls, held = model_case(name)
     measured = measure(source, calls, orders=(0, 1), max_interval=args.max_interval,
                        min_speedup=min(args.targets), progress=False)
     print(f"\n== {name}")
-    report(measured, args.targets, args.lambdas)
+    found = report(measured, args.targets, args.lambdas)
+    if args.verify:
+        verify(measured, held, found)
 
 
 def report(measured, targets: list[float], lambdas: int = 80) -> None:
@@ -99,6 +105,7 @@ def report(measured, targets: list[float], lambdas: int = 80) -> None:
                         for lam in lams] for order in measured.orders}
     hulls[measured.orders] = [mixed(tables, costs, n, measured.orders, lam, max_interval)
                               for lam in lams]
+    best = {}
     for target in targets:
         one = [o for found in single.values() for o in found
                if o.speedup >= target * (1 - 1e-9)]
@@ -114,7 +121,34 @@ def report(measured, targets: list[float], lambdas: int = 80) -> None:
                 segs = " ".join(f"{k}:b{c[1]}f{r}" for k, c, r in path)
                 line += (f"\n        mixed cuts, orders {orders}: {db(err):6.2f} dB "
                          f"({n / flo:.2f}x) {db(err) - db(o.error):+.2f} dB  [{segs}]")
+                best[target] = (path, n / flo)
         print(line, flush=True)
+    return best
+
+
+def verify(measured, held: list, found: dict, verify_count: int = 6) -> None:
+    """Run each target's best predicted schedule of a cut and order per segment on ``held``
+    (the held-out calls) beside the calibrated choice at that target; print both and the
+    paired gain of the mixed one."""
+    replays = [(run, final_of(run, measured.scheduler).double()) for run in held]
+
+    def errors(forward_of) -> list[float]:
+        out = []
+        for run, final in replays:
+            found_final = final_of(run, measured.scheduler, measured.unet, forward_of())
+            out += row_errors(found_final.double(), final)
+        return out
+    for target, (path, speed) in found.items():
+        c = choose_calibration(measured, target_speedup=target, verify=verify_count)
+        chosen = errors(lambda: measured.accelerated((c.reuse, c.branch), c.forecast,
+                                                   c.key_steps))
+        segments = {k: (cut, order) for k, cut, order in path}
+        mixes = errors(lambda: measured.accelerated(path[0][1], path[0][2], list(segments),
+                                                     segments))
+        gain = paired_gain(mixes, chosen)
+        print(f"  {target:3.1f}x  calibrated {c.predicted_speedup:.2f}x {-mean_db(chosen):6.2f} dB"
+              f"  mixed {speed:.2f}x {-mean_db(mixes):6.2f} dB: {gain.mean:+.2f} dB "
+              f"[{gain.low:+.2f}, {gain.high:+.2f}]", flush=True)
 
 
 def main(argv=None) -> int:
@@ -123,6 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--max-interval", type=int, default=10)
     parser.add_argument("--lambdas", type=int, default=80)
+    parser.add_argument("--verify", action="store_true", help="run the best mixed schedule "
+                        "of each target on the held-out calls beside the calibrated choice")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

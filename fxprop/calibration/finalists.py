@@ -19,14 +19,7 @@ from .families import HAND_SET, every_n, family_schedules, phase_schedules
 from .measure import Measurement
 from .optimise import Option, most_keys, schedule_error, speedup
 
-__all__ = ["Finalist", "finalists", "HAND_SET_PER_CUT", "NEAR_RATIO"]
-
-#: Hand-set finalists of one cut and order: the best predicted and those predicted within
-#: NEAR_RATIO of its error (2 dB). The tables do not tell apart every-N-th schedules of equal
-#: cost at long segments: at 6x on the digits model they ranked every 17th step first, and
-#: every 19th was 0.5 dB nearer plain on 60 held-out samples (every 29th and 33rd: 0.8 dB).
-HAND_SET_PER_CUT = 3
-NEAR_RATIO = 10 ** (2 / 20)
+__all__ = ["Finalist", "finalists"]
 
 
 @dataclass(frozen=True)
@@ -88,8 +81,12 @@ def _pools(measurement: Measurement, fitted: list[Option], target: float
 
 def finalists(measurement: Measurement, fitted: list[Option], target: float,
               count: int) -> tuple[list[Finalist], list[Finalist]]:
-    """``(hand-set, fitted)`` finalists: the best predicted hand-set schedules of each cut and
-    forecast order that reaches the budget (:data:`HAND_SET_PER_CUT`), and ``count`` fitted ones (the best of each family
+    """``(hand-set, fitted)`` finalists: of each cut and forecast order that reaches the
+    budget, the best predicted hand-set schedule and every other of its cost (as many key
+    steps: at long segments several every-N-th schedules have as many, and the tables do not
+    tell them apart: at 6x they ranked every 17th step first on the digits model, every 19th
+    was 0.5 dB nearer plain; on photo patches every 29th and 31st, every 33rd was), and
+    ``count`` fitted ones (the best of each family
     and order, the orders in turn, best predicted first within each). The tables rank
     schedules of one cut and order well, not across them (they add a reuse segment's
     correlated errors as independent): on the digits model at 2x they ranked every 4th step
@@ -98,11 +95,9 @@ def finalists(measurement: Measurement, fitted: list[Option], target: float,
     hand, families = _pools(measurement, fitted, target)
     per_cut: dict[tuple, list[Finalist]] = {}
     for f in sorted(hand, key=lambda f: f.option.error):
-        near = per_cut.setdefault((f.option.cut, f.option.order), [])
-        if len(near) < HAND_SET_PER_CUT and (not near or f.option.error <= near[0].option.error
-                                             * NEAR_RATIO):
-            near.append(f)
-    hand = [f for near in per_cut.values() for f in near]
+        per_cut.setdefault((f.option.cut, f.option.order), []).append(f)
+    hand = [f for group in per_cut.values() for f in group
+            if len(f.option.key_steps) == len(group[0].option.key_steps)]
     best = {}
     for group in families.values():
         for f in group:

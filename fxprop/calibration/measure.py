@@ -22,7 +22,7 @@ stacked batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,12 +204,16 @@ class Measurement:
             return None
         return speedup(len(keys), self.num_steps, cut.step_cost), math.sqrt(error)
 
-    def accelerated(self, cut_id: tuple, order: int, key_steps: Sequence[int]) -> Callable:
+    def accelerated(self, cut_id: tuple, order: int, key_steps: Sequence[int],
+                    segments: Mapping[int, tuple] | None = None) -> Callable:
         """A UNet forward that runs one generation as ``fxprop.accelerate`` would with this
         cut, order and key steps (prior noise off), on the measurement's own graphs: what
-        verifying a candidate runs, with no capture of its own."""
-        cut, keys = next(c for c in self.cuts if c.id == cut_id), set(key_steps)
-        step, state, kept = [0], [()], {}
+        verifying a candidate runs, with no capture of its own. ``segments``: key step ->
+        ``(cut id, order)`` of the steps after it, a cut and order per segment (which the
+        runtime does not run: ``tools/mixed_cuts.py`` measures whether it would pay)."""
+        cuts, keys, plan = {c.id: c for c in self.cuts}, set(key_steps), dict(segments or {})
+        depth = max([order, *(o for _, o in plan.values())])
+        step, state, kept, now = [0], [()], {}, [(cut_id, order)]
 
         @torch.no_grad()
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -218,13 +222,14 @@ class Measurement:
             union, steps = self._capture(call)
             if j in keys:
                 out = union.full(*call.tensors)
-                kept[j] = [out[union.num_outputs + i] for i in cut.index]
-                state[0] = state_after(state[0], j, order)
-                out = out[: union.num_outputs]
+                kept[j], out = out[union.num_outputs:], out[: union.num_outputs]
+                state[0], now[0] = state_after(state[0], j, depth), plan.get(j, (cut_id, order))
             else:
-                weights = cut.weights(state[0], j)
-                used = state[0] if weights is not None else state[0][:1]
-                frontier = _combine([kept[k] for k in used], weights or (1.0,))
+                cut, used = cuts[now[0][0]], state[0][: now[0][1] + 1]
+                weights = cut.weights(used, j)
+                used = used if weights is not None else used[:1]
+                frontier = _combine([[kept[k][i] for i in cut.index] for k in used],
+                                    weights or (1.0,))
                 parts = steps[cut.id]
                 out = parts.step(*[call.tensors[i] for i in parts.step_inputs], *frontier)
             return pytree.tree_unflatten(list(out), self._out_specs[call.key])

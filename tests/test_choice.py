@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from fxprop.calibration.choice import race, row_errors, verified_choice
 from fxprop.calibration.families import every_n, family_schedules, phase_schedules
-from fxprop.calibration.finalists import Finalist, finalists
+from fxprop.calibration.finalists import NEAR_COUNT, NEAR_RATIO, Finalist, finalists
 from fxprop.calibration.measure import states
 from fxprop.calibration.optimise import Option, speedup
 from fxprop.calibration.significance import MIN_SAMPLES, paired_gain
@@ -189,6 +189,18 @@ def test_every_hand_set_schedule_of_the_best_predicted_ones_cost_is_verified():
     measurement.tables = lambda: {("deep", 0): flat}
     hand, _ = finalists(measurement, [], 5.0, 1)
     assert sorted(f.option.key_steps[1] for f in hand) == [10, 11, 12, 13, 14]
+
+
+def test_hand_set_schedules_of_fewer_key_steps_predicted_near_the_best_are_verified():
+    """A faster every-N-th schedule can be the better (every 8th step beat every 5th on a
+    pretrained UNet): up to NEAR_COUNT predicted within NEAR_RATIO run beside the best."""
+    measurement = _fake_measurement(max_interval=6)
+    flat = {key: 0.01 for key in measurement.tables()[("deep", 0)]}
+    measurement.tables = lambda: {("deep", 0): flat}
+    hand, _ = finalists(measurement, [], 2.5, 1)
+    gaps = [f.option.key_steps[1] for f in hand]
+    assert len(hand) == NEAR_COUNT and gaps[:2] == [3, 4]   # every 3rd: 4 key steps, 4th: 3
+    assert all(f.option.error <= hand[0].option.error * NEAR_RATIO for f in hand)
 
 
 def test_finalists_take_the_forecast_orders_in_turn():

@@ -19,7 +19,13 @@ from .families import HAND_SET, every_n, family_schedules, phase_schedules
 from .measure import Measurement
 from .optimise import Option, most_keys, schedule_error, speedup
 
-__all__ = ["Finalist", "finalists"]
+__all__ = ["Finalist", "finalists", "NEAR_COUNT", "NEAR_RATIO"]
+
+#: Hand-set schedules of other costs verified beside the best predicted one of a cut and
+#: order: up to NEAR_COUNT predicted within NEAR_RATIO of its error (2 dB): on a pretrained UNet
+#: every 8th step beat every 5th, the tables' ranking across costs is not sure either.
+NEAR_COUNT = 3
+NEAR_RATIO = 10 ** (2 / 20)
 
 
 @dataclass(frozen=True)
@@ -81,23 +87,23 @@ def _pools(measurement: Measurement, fitted: list[Option], target: float
 
 def finalists(measurement: Measurement, fitted: list[Option], target: float,
               count: int) -> tuple[list[Finalist], list[Finalist]]:
-    """``(hand-set, fitted)`` finalists: of each cut and forecast order that reaches the
-    budget, the best predicted hand-set schedule and every other of its cost (as many key
-    steps: at long segments several every-N-th schedules have as many, and the tables do not
-    tell them apart: at 6x they ranked every 17th step first on the digits model, every 19th
-    was 0.5 dB nearer plain; on photo patches every 29th and 31st, every 33rd was), and
-    ``count`` fitted ones (the best of each family
-    and order, the orders in turn, best predicted first within each). The tables rank
-    schedules of one cut and order well, not across them (they add a reuse segment's
-    correlated errors as independent): on the digits model at 2x they ranked every 4th step
-    on branch 1 above every 3rd on branch 0, which was 5.5 dB nearer plain; on a UNet of photo
-    patches at 4x, every 8th step with reuse above it with a forecast (5 dB nearer plain)."""
+    """``(hand-set, fitted)`` finalists. Hand-set, of each cut and forecast order that
+    reaches the budget: the best predicted schedule, those predicted near it
+    (:func:`_hand_set`) and every other of its cost (as many key steps: at long segments
+    several every-N-th schedules have as many, and the tables do not tell them apart: at 6x
+    they ranked every 17th step first on the digits model, every 19th was 0.5 dB nearer
+    plain; on photo patches every 29th and 31st, every 33rd was). Fitted: ``count``, the best
+    of each family and order, the orders in turn, best predicted first within each. The
+    tables rank schedules of one cut and order well, not across them (they add a reuse
+    segment's correlated errors as independent): on the digits model at 2x they ranked every
+    4th step on branch 1 above every 3rd on branch 0, which was 5.5 dB nearer plain; on a
+    UNet of photo patches at 4x, every 8th step with reuse above it with a forecast (5 dB
+    nearer plain)."""
     hand, families = _pools(measurement, fitted, target)
     per_cut: dict[tuple, list[Finalist]] = {}
     for f in sorted(hand, key=lambda f: f.option.error):
         per_cut.setdefault((f.option.cut, f.option.order), []).append(f)
-    hand = [f for group in per_cut.values() for f in group
-            if len(f.option.key_steps) == len(group[0].option.key_steps)]
+    hand = [f for group in per_cut.values() for f in _hand_set(group)]
     best = {}
     for group in families.values():
         for f in group:
@@ -105,6 +111,16 @@ def finalists(measurement: Measurement, fitted: list[Option], target: float,
             if kind not in best or f.option.error < best[kind].option.error:
                 best[kind] = f
     return hand, _in_turn(list(best.values()), max(1, count), {_key(f) for f in hand})
+
+
+def _hand_set(group: list[Finalist]) -> list[Finalist]:
+    """Of one cut and order's hand-set schedules, best predicted first: every one of the best's
+    cost (as many key steps) and up to :data:`NEAR_COUNT` predicted within :data:`NEAR_RATIO`
+    of it (a faster one can be the better)."""
+    best = group[0].option
+    near = [f for f in group if f.option.error <= best.error * NEAR_RATIO][:NEAR_COUNT]
+    same = [f for f in group if len(f.option.key_steps) == len(best.key_steps)]
+    return _unique(near + same)
 
 
 def _in_turn(found: list[Finalist], count: int, seen: set) -> list[Finalist]:

@@ -208,7 +208,7 @@ def digits():
 @pytest.fixture(scope="module")
 def calibration(digits):
     return calibrate(digits, [_call(0)], STEPS, target_speedup=1.6, orders=(0, 1), verify=1,
-                     max_interval=3, progress=False)
+                     held_out=1, max_interval=3, progress=False)
 
 
 def test_verification_calls_are_the_calls_on_other_noise():

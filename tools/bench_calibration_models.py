@@ -237,9 +237,6 @@ def _targets(name: str, case: tuple, targets: list[float], max_interval: int | N
                 best_at[target] = mine
     if args.last_step and max_interval is not None:
         last_step(measured, score, hands, scored)
-    if args.mixed and max_interval is not None:
-        import mixed_cuts
-        mixed_cuts.report(measured, targets)
     if 4.0 in best_at:
         at25 = [psnr(scored[v[:3]], score.offsets) for v in hands.values() if v[3] >= 2.5]
         print(f"  4x calibrated {best_at[4.0]:.2f} dB; best hand-set at >= 2.5x "
@@ -254,8 +251,6 @@ def main(argv=None) -> int:
     parser.add_argument("--max-interval", type=int, default=10)
     parser.add_argument("--verify", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--mixed", action="store_true",
-                        help="also predict a cut and order per segment (tools/mixed_cuts.py)")
     parser.add_argument("--no-last-step", dest="last_step", action="store_false",
                         help="skip every N-th step with and without a key step at the end")
     args = parser.parse_args(argv)

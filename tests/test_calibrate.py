@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 
 import fxprop
 from conftest import decoder_attn_unet, make_scheduler, sample_of
-from fxprop.calibration.calibrate import MAX_INTERVAL, calibrate, held_out_for, longest_segment
+from fxprop.calibration.calibrate import (MAX_INTERVAL, calibrate, held_out_for,
+                                          longest_segment, measure)
+from fxprop.calibration.choice import final_errors
 from fxprop.calibration.data import FORMAT_VERSION, Calibration
 from fxprop.calibration.measure import output_errors, states
-from fxprop.calibration.optimise import (check_budget, choose, options, pareto,
+from fxprop.calibration.optimise import (Option, check_budget, choose, options, pareto,
                                          schedule_error)
 from fxprop.calibration.significance import MIN_SAMPLES
 from fxprop.calibration.sources import other_noise
@@ -282,17 +284,37 @@ def test_measured_error_is_the_output_difference_as_it_reaches_the_final_sample(
     assert calibration.error_curve[j] == pytest.approx(expected, rel=2e-3)
 
 
-@pytest.mark.slow  # ~9 s: a calibration
-def test_bare_unet_is_calibrated_from_the_users_loop():
+def _bare_loop(steps: int) -> tuple:
+    """``(unet, scheduler, loop)``: a tiny UNet and a user's DDIM loop of ``steps`` steps over
+    it (a bare UNet's loop seeds its own noise)."""
     unet, scheduler = decoder_attn_unet(), make_scheduler("ddim")
     text = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
 
     def loop(model):
-        scheduler.set_timesteps(5)
+        scheduler.set_timesteps(steps)
         x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         for t in scheduler.timesteps:
             x = scheduler.step(model(x, t, encoder_hidden_states=text).sample, t, x).prev_sample
+    return unet, scheduler, loop
 
+
+@pytest.mark.slow  # a measurement of a tiny UNet, 6 steps
+def test_a_cut_and_order_per_segment_is_the_uniform_run_where_every_segment_is_the_same():
+    """``segments`` (tools/mixed_cuts.py runs schedules with a cut and order per segment on
+    the measurement's graphs): naming the schedule's own cut and order for every segment runs
+    exactly what no ``segments`` runs; another cut for one segment runs something else."""
+    unet, scheduler, loop = _bare_loop(6)
+    measured = measure(unet, [loop], scheduler=scheduler, max_interval=3, progress=False)
+    first, last = measured.cuts[0].id, measured.cuts[-1].id
+    option = Option(first, 1, (0, 3), 6, 0.0, 0.0)
+    uniform = final_errors(measured, option)
+    assert final_errors(measured, option, segments={0: (first, 1), 3: (first, 1)}) == uniform
+    assert final_errors(measured, option, segments={3: (last, 0)}) != uniform
+
+
+@pytest.mark.slow  # ~9 s: a calibration
+def test_bare_unet_is_calibrated_from_the_users_loop():
+    unet, scheduler, loop = _bare_loop(5)
     found = calibrate(unet, [loop], scheduler=scheduler, max_error=10.0, max_interval=3,
                       progress=False)
     assert found.num_steps == 5 and found.num_inference_steps is None

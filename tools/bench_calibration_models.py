@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 import bench_models  # noqa: E402
+from common import verdict  # noqa: E402
 from fxprop.calibration.calibrate import measure  # noqa: E402
 from fxprop.calibration.choice import choose_calibration, final_errors  # noqa: E402
 from fxprop.calibration.families import every_n  # noqa: E402
@@ -86,13 +87,13 @@ def model_case(name: str) -> tuple[Source, list, list]:
 
 
 def scorer(measured, held: list):
-    """``score(cut, order, keys)``: per-sample relative errors of the policy on ``held``
-    (``choice.final_errors`` against plain finals computed once)."""
+    """``score(cut, order, keys, segments=None)``: per-sample relative errors of the policy
+    on ``held`` (``choice.final_errors`` against plain finals computed once)."""
     replays = [(run, final_of(run, measured.scheduler).double()) for run in held]
 
-    def score(cut, order, keys) -> list[float]:
+    def score(cut, order, keys, segments=None) -> list[float]:
         return final_errors(measured, Option(cut, order, tuple(keys), measured.num_steps, 0, 0),
-                            replays)
+                            replays, segments)
     # a sample's PSNR (peak 2) is its offset minus 20 log10 of its relative error
     score.offsets = [10 * math.log10(4 * f[0].numel() / max(float(r.pow(2).sum()), 1e-30))
                      for _, f in replays for r in f]
@@ -144,13 +145,13 @@ def compare(name: str, found: tuple, hands: dict, scored: dict, offsets: list) -
         return "above", mine
     best = max(fit, key=lambda k: psnr(scored[hands[k][:3]], offsets))
     gain = paired_gain(errors, scored[hands[best][:3]])
-    verdict = "above" if gain.low > 0 else "BELOW" if gain.high < 0 else "tie"
+    found_verdict = verdict(gain)
     print(f"{line}  vs {best} ({fit[best][3]:.2f}x "
           f"{psnr(scored[hands[best][:3]], offsets):.2f} dB): {gain.mean:+.2f} dB "
-          f"[{gain.low:+.2f}, {gain.high:+.2f}] {verdict}")
+          f"[{gain.low:+.2f}, {gain.high:+.2f}] {found_verdict}")
     if c is not None and c.verdict:
         print(f"      verdict: {c.verdict}")
-    return verdict, mine
+    return found_verdict, mine
 
 
 def _without_early_stop(measured, target: float, verify: int, chosen) -> str:
@@ -229,11 +230,11 @@ def _targets(name: str, case: tuple, targets: list[float], max_interval: int | N
                 break
             took = time.perf_counter() - t0
             scored.setdefault(found[:3], score(*found[:3]))
-            verdict, mine = compare(label, found, hands, scored, score.offsets)
+            outcome, mine = compare(label, found, hands, scored, score.offsets)
             if verify:
                 print(f"      chosen in {took:.1f} s" + _without_early_stop(
                     measured, target, verify, found[4]))
-                rows.append((name, target, verdict))
+                rows.append((name, target, outcome))
                 best_at[target] = mine
     if args.last_step and max_interval is not None:
         last_step(measured, score, hands, scored)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools")]
 
 import bench_comfyui as bench  # noqa: E402  (puts the repository and tests on sys.path)
-from common import flops  # noqa: E402
+from common import flops, verdict  # noqa: E402
 from fxprop.calibration.choice import row_errors  # noqa: E402
 from fxprop.calibration.significance import mean_db, paired_gain  # noqa: E402
 from fxprop.clients.comfyui.calibrate import ComfySampling, calibrate_comfy  # noqa: E402
@@ -103,10 +103,9 @@ def _report(errors: dict, speed: dict, targets: list[float]) -> None:
             continue
         best = min(fit, key=lambda h: mean_db(errors[h]))
         gain = paired_gain(errors[name], errors[best])
-        verdict = "above" if gain.low > 0 else "BELOW" if gain.high < 0 else "tie"
         print(f"{name:<16} {speed[name]:.2f}x {-mean_db(errors[name]):6.2f} dB  vs {best:<12} "
               f"{speed[best]:.2f}x {-mean_db(errors[best]):6.2f} dB: {gain.mean:+.2f} dB "
-              f"[{gain.low:+.2f}, {gain.high:+.2f}] {verdict}")
+              f"[{gain.low:+.2f}, {gain.high:+.2f}] {verdict(gain)}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks in ``tools/`` (a script's own folder is on its path, so
-they ``import common``): FLOP counts and side-by-side timing."""
+they ``import common``): FLOP counts, side-by-side timing and paired verdicts."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ def flops(run: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False) as counter:
         run()
     return counter.get_total_flops()
+
+
+def verdict(gain: Any) -> str:
+    """A paired gain's interval against 0 (``fxprop.calibration.significance.Gain``):
+    ``above``, ``BELOW`` or ``tie`` (it holds 0)."""
+    return "above" if gain.low > 0 else "BELOW" if gain.high < 0 else "tie"
 
 
 def timed_rounds(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:

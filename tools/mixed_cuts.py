@@ -30,11 +30,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from bench_calibration_models import model_case  # noqa: E402
+from bench_calibration_models import model_case, scorer  # noqa: E402
 from fxprop.calibration.calibrate import measure  # noqa: E402
-from fxprop.calibration.choice import choose_calibration, row_errors  # noqa: E402
+from fxprop.calibration.choice import choose_calibration  # noqa: E402
 from fxprop.calibration.optimise import options, state_after  # noqa: E402
-from fxprop.calibration.propagation import final_of  # noqa: E402
 from fxprop.calibration.significance import mean_db, paired_gain  # noqa: E402
 
 TARGETS = (1.5, 2.0, 2.5, 3.0, 4.0)
@@ -130,21 +129,12 @@ def verify(measured, held: list, found: dict, verify_count: int = 6) -> None:
     """Run each target's best predicted schedule of a cut and order per segment on ``held``
     (the held-out calls) beside the calibrated choice at that target; print both and the
     paired gain of the mixed one."""
-    replays = [(run, final_of(run, measured.scheduler).double()) for run in held]
-
-    def errors(forward_of) -> list[float]:
-        out = []
-        for run, final in replays:
-            found_final = final_of(run, measured.scheduler, measured.unet, forward_of())
-            out += row_errors(found_final.double(), final)
-        return out
+    score = scorer(measured, held)
     for target, (path, speed) in found.items():
         c = choose_calibration(measured, target_speedup=target, verify=verify_count)
-        chosen = errors(lambda: measured.accelerated((c.reuse, c.branch), c.forecast,
-                                                   c.key_steps))
+        chosen = score((c.reuse, c.branch), c.forecast, c.key_steps)
         segments = {k: (cut, order) for k, cut, order in path}
-        mixes = errors(lambda: measured.accelerated(path[0][1], path[0][2], list(segments),
-                                                     segments))
+        mixes = score(path[0][1], path[0][2], list(segments), segments)
         gain = paired_gain(mixes, chosen)
         print(f"  {target:3.1f}x  calibrated {c.predicted_speedup:.2f}x {-mean_db(chosen):6.2f} dB"
               f"  mixed {speed:.2f}x {-mean_db(mixes):6.2f} dB: {gain.mean:+.2f} dB "

@@ -14,7 +14,7 @@ better, not by chance (:mod:`~fxprop.calibration.significance`); the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -160,13 +160,15 @@ def _verdict(pick: Finalist, rival: Finalist | None, errors: dict, confidence: f
 
 
 def final_errors(measurement: Measurement, option: Option,
-                 replays: Sequence[tuple] | None = None) -> list[float]:
+                 replays: Sequence[tuple] | None = None,
+                 segments: Mapping[int, tuple] | None = None) -> list[float]:
     """Relative error of each final sample (each row of each call's batch) run accelerated
-    with ``option``, against the plain finals of ``replays`` (``(run, final)`` pairs; default
-    the measurement's held-out calls): the paired samples verification decides on."""
+    with ``option`` (and ``segments``, as :meth:`Measurement.accelerated` takes them), against
+    the plain finals of ``replays`` (``(run, final)`` pairs; default the measurement's
+    held-out calls): the paired samples verification decides on."""
     errors = []
     for run, final in measurement.replays if replays is None else replays:
-        forward = measurement.accelerated(option.cut, option.order, option.key_steps)
+        forward = measurement.accelerated(option.cut, option.order, option.key_steps, segments)
         found = final_of(run, measurement.scheduler, measurement.unet, forward).double()
         errors += row_errors(found, final.double())
     return errors
